@@ -1,0 +1,223 @@
+"""Reassembly of one upload, and the state table of an upload's life.
+
+:class:`Reassembler` takes chunks and returns events. It writes into a buffer preallocated to
+the declared size (the caller chooses it: a ``bytearray``, or a memory map that worker
+processes can read without a copy), enforces PROTOCOL.md's offset rules and hashes the bytes
+as they arrive, so the SHA-256 is ready when the last byte is::
+
+    reassembler = Reassembler(size=upload.size, sha256=upload.sha256)
+    event = reassembler.receive(chunk)   # Appended or Replayed; raises ProtocolError
+    if reassembler.complete:
+        digest = reassembler.finish()    # raises ProtocolError(checksum_mismatch)
+
+:data:`TRANSITIONS` is the upload life cycle; :class:`Lifecycle` refuses any event the table
+does not allow, so stages can be skipped but never reordered, and nothing follows a cancel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, Protocol
+
+from chunking.errors import ErrorCode, InvalidTransition, ProtocolError
+from chunking.messages import Chunk, Payload
+
+
+class WritableBuffer(Protocol):
+    """A preallocated, fixed-size, writable byte buffer (bytearray, mmap, memoryview)."""
+
+    def __len__(self) -> int: ...
+
+    def __setitem__(self, index: slice, value: Payload, /) -> None: ...
+
+
+# Events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """The chunk was new and is now held; ``complete`` when it was the last one."""
+
+    received: int
+    total: int
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The chunk lay entirely below the bytes held (a replay after a reconnect): ignored."""
+
+    received: int
+    total: int
+
+
+ChunkEvent = Appended | Replayed
+
+
+class Reassembler:
+    """Reassembles one upload of ``size`` bytes, in order, into a preallocated buffer.
+
+    ``received`` may start above zero when the bytes so far were restored from a store (a
+    resumed upload); then pass the ``hasher`` holding those bytes' hash state, or none, and
+    the whole buffer is hashed once in :meth:`finish`.
+    """
+
+    __slots__ = ("_buffer", "_expected_sha256", "_hasher", "_view", "received", "size", "upload_id")
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        upload_id: str = "",
+        sha256: str | None = None,
+        buffer: WritableBuffer | None = None,
+        received: int = 0,
+        hasher: hashlib._Hash | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        if buffer is None:
+            buffer = bytearray(size)
+        if len(buffer) != size:
+            raise ValueError(f"buffer holds {len(buffer)} bytes, the upload declares {size}")
+        if not 0 <= received <= size:
+            raise ValueError("received must lie within [0, size]")
+        self.size = size
+        self.upload_id = upload_id
+        self.received = received
+        self._buffer = buffer
+        self._view = memoryview(buffer)  # type: ignore[arg-type]
+        self._expected_sha256 = sha256.lower() if sha256 else None
+        if hasher is None and received == 0:
+            hasher = hashlib.sha256()
+        self._hasher = hasher
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.size
+
+    @property
+    def buffer(self) -> memoryview:
+        """The bytes held so far (the whole image once complete). A view, not a copy."""
+        return self._view[: self.received]
+
+    def receive(self, chunk: Chunk) -> ChunkEvent:
+        """Apply one chunk. Raises ProtocolError(offset_mismatch) carrying ``expected``.
+
+        A rejected chunk changes nothing: the client can rewind to ``expected``.
+        """
+        length = len(chunk.data)
+        end = chunk.offset + length
+        if chunk.offset == self.received:
+            if end > self.size:
+                raise self._mismatch(f"chunk runs past the upload's size ({self.size})")
+            if length:
+                self._view[chunk.offset : end] = chunk.data
+                if self._hasher is not None:
+                    self._hasher.update(chunk.data)
+                self.received = end
+            return Appended(received=self.received, total=self.size, complete=self.complete)
+        if end <= self.received:
+            return Replayed(received=self.received, total=self.size)
+        if chunk.offset < self.received:
+            raise self._mismatch(f"chunk overlaps the bytes held; expected offset {self.received}")
+        raise self._mismatch(f"chunk leaves a gap; expected offset {self.received}")
+
+    def finish(self) -> str:
+        """Return the SHA-256 (hex) of the complete upload, checking it against the declared one.
+
+        Raises ProtocolError(checksum_mismatch); the caller must then discard the upload.
+        """
+        if not self.complete:
+            raise InvalidTransition(f"finish() with {self.received} of {self.size} bytes held")
+        if self._hasher is None:
+            self._hasher = hashlib.sha256(self._view)
+        digest = self._hasher.hexdigest()
+        if self._expected_sha256 is not None and digest != self._expected_sha256:
+            raise ProtocolError(
+                ErrorCode.CHECKSUM_MISMATCH,
+                "the bytes received do not hash to the declared sha256; the upload is discarded",
+                upload_id=self.upload_id,
+            )
+        return digest
+
+    def _mismatch(self, message: str) -> ProtocolError:
+        return ProtocolError(
+            ErrorCode.OFFSET_MISMATCH, message, upload_id=self.upload_id, expected=self.received
+        )
+
+
+# Life cycle ---------------------------------------------------------------------------------
+
+
+class UploadState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    DECODING = "decoding"
+    INFERENCE = "inference"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class UploadEvent(StrEnum):
+    LAST_BYTE = "last_byte"  # every byte held and the checksum holds
+    QUEUED = "queued"
+    DECODING = "decoding"
+    INFERENCE = "inference"
+    RESULT = "result"
+    CANCEL = "cancel"
+    FAIL = "fail"
+
+
+_S, _E = UploadState, UploadEvent
+_ENDINGS: Final = {_E.RESULT: _S.DONE, _E.CANCEL: _S.CANCELLED, _E.FAIL: _S.FAILED}
+
+TRANSITIONS: Final[dict[UploadState, dict[UploadEvent, UploadState]]] = {
+    _S.RECEIVING: {_E.LAST_BYTE: _S.COMPLETE, _E.CANCEL: _S.CANCELLED, _E.FAIL: _S.FAILED},
+    # A cached result goes from COMPLETE straight to DONE: stages may be skipped.
+    _S.COMPLETE: {
+        _E.QUEUED: _S.QUEUED,
+        _E.DECODING: _S.DECODING,
+        _E.INFERENCE: _S.INFERENCE,
+        **_ENDINGS,
+    },
+    _S.QUEUED: {_E.DECODING: _S.DECODING, _E.INFERENCE: _S.INFERENCE, **_ENDINGS},
+    _S.DECODING: {_E.INFERENCE: _S.INFERENCE, **_ENDINGS},
+    _S.INFERENCE: dict(_ENDINGS),
+    _S.DONE: {},
+    _S.CANCELLED: {},
+    _S.FAILED: {},
+}
+"""Upload life cycle: ``TRANSITIONS[state][event]`` is the next state; absent means refused."""
+
+TERMINAL_STATES: Final = frozenset(state for state, moves in TRANSITIONS.items() if not moves)
+
+
+class Lifecycle:
+    """Tracks one upload's state through :data:`TRANSITIONS`."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: UploadState = UploadState.RECEIVING) -> None:
+        self.state = state
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def allows(self, event: UploadEvent) -> bool:
+        return event in TRANSITIONS[self.state]
+
+    def advance(self, event: UploadEvent) -> UploadState:
+        """Move to the next state. Raises InvalidTransition if the table has no such move."""
+        try:
+            self.state = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise InvalidTransition(
+                f"can't handle event {event.value!r} in state {self.state.value!r}"
+            ) from None
+        return self.state
