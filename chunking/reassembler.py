@@ -143,6 +143,10 @@ class Reassembler:
             )
         return digest
 
+    def release(self) -> None:
+        """Drop this object's view of the buffer, so a memory map under it can be closed."""
+        self._view.release()
+
     def _mismatch(self, message: str) -> ProtocolError:
         return ProtocolError(
             ErrorCode.OFFSET_MISMATCH, message, upload_id=self.upload_id, expected=self.received

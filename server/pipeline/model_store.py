@@ -86,8 +86,10 @@ def default_model_dir() -> Path:
 
 def imagenet_labels() -> list[str]:
     """The 1000 ImageNet-1k class names, in class-index order (full WordNet lemma strings)."""
-    text = importlib.resources.files(LABELS_RESOURCE[0]).joinpath(LABELS_RESOURCE[1]).read_text(
-        encoding="utf-8"
+    text = (
+        importlib.resources.files(LABELS_RESOURCE[0])
+        .joinpath(LABELS_RESOURCE[1])
+        .read_text(encoding="utf-8")
     )
     labels = text.splitlines()
     if len(labels) != 1000 or not all(labels):
@@ -197,6 +199,7 @@ def prepare_default_model(target: Path | None = None, *, force: bool = False) ->
         _remove_stale_temporaries(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; the model is for every local user
             _build(tmp, weights, labels, expected)
             _install(tmp, target, expected, force=force)
         finally:
@@ -291,11 +294,10 @@ def _build(folder: Path, weights: Path, labels: list[str], marker: dict[str, Any
         layer_norm_eps=1e-5,
         hidden_act="relu6",
         classifier_dropout_prob=0.2,  # torchvision's value; inactive in eval mode
-        num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in reversed(list(enumerate(labels)))},
     )
-    model = MobileNetV2ForImageClassification(config)
+    model: Any = MobileNetV2ForImageClassification(config)
     model.load_state_dict(_map_state_dict(source, model.state_dict()), strict=True)
     model.eval()
     model.config.name_or_path = DEFAULT_MODEL_ID
@@ -318,7 +320,9 @@ def _build(folder: Path, weights: Path, labels: list[str], marker: dict[str, Any
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Hide transformers' tqdm bars ("Loading weights", "Writing model shards") meanwhile."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging
+
+    hf_logging: Any = logging
 
     enabled = hf_logging.is_progress_bar_enabled()
     if enabled:
@@ -369,8 +373,10 @@ def local_model_id(folder: Path) -> str:
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in model or (
-        os.sep in model and not _HUB_ID.match(model)
+    return (
+        model.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or "\\" in model
+        or (os.sep in model and not _HUB_ID.match(model))
     )
 
 

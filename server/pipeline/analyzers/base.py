@@ -7,7 +7,7 @@ in this order, once per batch::
 
     analyzer.load()                                   # once, at worker start
     prepared = [analyzer.preprocess(image, opts) ...] # per job; a failure fails that job only
-    outputs = analyzer.predict(prepared)              # one call per batch, len(outputs) == len(batch)
+    outputs = analyzer.predict(prepared)              # one call per batch, one output per item
     payload = analyzer.encode(output, opts)           # per job: the JSON ``result`` object
 """
 
@@ -57,9 +57,12 @@ class Analyzer(Protocol):
 
 
 class TaskSpec(Protocol):
-    """Gateway-side description of a task: importable without torch."""
+    """Gateway-side description of a task: importable without torch. Must be picklable: it
+    travels to worker processes, which call :meth:`create_analyzer`."""
 
-    task: str
+    @property
+    def task(self) -> str:
+        """The task's name in messages (``"classify"``)."""
 
     @property
     def model_id(self) -> str:

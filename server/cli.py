@@ -1,0 +1,110 @@
+"""The ``pixelstream`` command.
+
+``pixelstream serve`` runs the service on embedded defaults; every setting is a flag
+(``--max-chunk-bytes``) and a variable (``PIXELSTREAM_MAX_CHUNK_BYTES``), flags winning.
+``pixelstream model prepare`` builds the bundled model's folder ahead of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from server.settings import ENV_PREFIX, Settings
+
+
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    hints = get_type_hints(Settings)
+    for f in fields(Settings):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})"
+        if kind in (int, float, str):
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+        elif kind == str | None:
+            parser.add_argument(flag, type=str, default=None, help=help_text)
+        elif kind == Path | None:
+            parser.add_argument(flag, type=Path, default=None, help=help_text)
+        elif kind == tuple[str, ...]:
+            parser.add_argument(
+                flag, default=None, help=f"comma-separated {help_text}",
+                type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()),
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pixelstream", description="AI image understanding over WebSockets."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the service")
+    _settings_flags(serve)
+    model = commands.add_parser("model", help="manage the bundled model")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_commands.add_parser("prepare", help="build the default model folder")
+    prepare.add_argument("--dir", type=Path, default=None, help="target folder")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if present")
+    return parser
+
+
+def uvicorn_config(settings: Settings) -> dict[str, Any]:
+    """uvicorn settings for large uploads: no compression (it makes ingest 20-60x slower),
+    a message limit derived from max_chunk_bytes, the sans-I/O websockets implementation."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ws": "websockets-sansio",
+        "ws_per_message_deflate": False,
+        "ws_max_size": settings.limits.max_message_bytes,
+        "log_level": settings.log_level,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 10,
+    }
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    settings = Settings.from_env(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    uvicorn.run(create_app(settings), **uvicorn_config(settings))
+    return 0
+
+
+def prepare_model(args: argparse.Namespace) -> int:
+    from server.pipeline.model_store import ModelUnavailable, prepare_default_model
+
+    try:
+        path = prepare_default_model(args.dir, force=args.force)
+    except ModelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "model":
+            return prepare_model(args)
+    except ValueError as exc:  # a setting that does not parse or fit
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_sockets = Gauge(
+            "pixelstream_active_sockets", "Open WebSocket connections", registry=r
+        )
+        self.uploads = Counter(
+            "pixelstream_uploads", "Uploads by outcome", ["outcome"], registry=r
+        )
+        self.upload_bytes = Counter(
+            "pixelstream_upload_bytes", "Image bytes received in chunks", registry=r
+        )
+        self.frames = Counter(
+            "pixelstream_frames", "Camera frames by outcome", ["outcome"], registry=r
+        )
+        self.errors = Counter(
+            "pixelstream_errors", "Error messages sent, by code", ["code"], registry=r
+        )
+        self.http_requests = Counter(
+            "pixelstream_http_analyze_requests", "HTTP analyze requests by status", ["status"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "pixelstream_queue_depth", "Jobs waiting for an inference worker", registry=r
+        )
+        self.workers_ready = Gauge(
+            "pixelstream_workers_ready", "Inference workers with their models loaded", registry=r
+        )
+        self.stage_seconds = Histogram(
+            "pixelstream_stage_seconds", "Time spent per stage", ["stage"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "pixelstream_batch_size", "Jobs per inference batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r,
+        )
+        self.cache = Counter(
+            "pixelstream_cache_lookups", "Result cache lookups by outcome", ["outcome"],
+            registry=r,
+        )
+
+    def observe_timings(self, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage_seconds.labels(stage).observe(ms / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,597 @@
+"""Image bytes → a Pillow RGB image at the size a model needs: safely (bombs, truncation) and fast.
+
+Two entry points:
+
+* :func:`probe` reads only the header at the front of a file (pure Python, a few ``struct``
+  calls, nothing allocated from claimed sizes). It is cheap enough for the gateway to call on
+  an upload still in progress, e.g. to reject a decompression bomb after its first kilobytes.
+* :func:`decode` turns a whole file (a buffer or a path) into a :class:`DecodedImage`. It is
+  CPU-bound and may take hundreds of milliseconds on a large image: call it in a worker
+  process or thread, never on the asyncio loop.
+
+Every failure the client caused is a :class:`~chunking.errors.ProtocolError` with code
+``invalid_image`` (not an image we support, truncated, corrupt) or ``too_many_pixels`` (over
+``max_pixels``); its message is short and carries no file paths or tracebacks. Supported
+formats: JPEG (incl. MPO), PNG (incl. APNG), GIF, WebP, BMP, TIFF.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Protocol, cast
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from chunking.errors import ErrorCode, ProtocolError
+from server.pipeline.analyzers.base import DecodeHint
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "DecodedImage",
+    "ImageInfo",
+    "check_pixels",
+    "decode",
+    "probe",
+]
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+"""Format names as Pillow spells them; :func:`probe` and :func:`decode` accept nothing else."""
+
+# A JPEG puts its frame header after its APPn/COM segments; real files have a few dozen
+# (EXIF, XMP, ICC profiles split in 64 KiB pieces). Bounding the count bounds the work a
+# hostile file of tiny segments can cause.
+_JPEG_MAX_SEGMENTS = 4096
+# TIFF: directory entries scanned for the width/height tags (classic TIFF allows 65535).
+_TIFF_MAX_ENTRIES = 65535
+# Bytes examined per step when skipping fill bytes or junk between JPEG segments.
+_SCAN_CHUNK = 4096
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 less DHT, JPG, DAC
+_BMP_INFO_HEADERS = frozenset({40, 52, 56, 64, 108, 124})  # BITMAPINFOHEADER and its successors
+_WHITE = (255, 255, 255)
+
+# Exceptions Pillow and its codecs raise on bad input (its own `Image.open` treats the same
+# set as "not this format"). UnidentifiedImageError is an OSError.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ArithmeticError,
+)
+
+# Same table as PIL.ImageOps.exif_transpose. Applied by hand, to the final small image, so a
+# rotated 100-megapixel photo is not transposed at full size.
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image's stored size and its format name as Pillow spells it ("JPEG", "PNG", ...)."""
+
+    width: int
+    height: int
+    format: str
+
+    def to_dict(self) -> dict[str, int | str]:
+        """The protocol's ``image`` object: ``{"width": ..., "height": ..., "format": ...}``."""
+        return {"width": self.width, "height": self.height, "format": self.format}
+
+
+@dataclass
+class DecodedImage:
+    """What :func:`decode` returns.
+
+    ``image``: loaded, mode ``RGB``, EXIF orientation applied, possibly shrunk (see
+    :func:`decode`); it holds no reference to the input buffer or file.
+    ``info``: the ORIGINAL stored width, height and format, for the protocol's ``image`` field.
+    """
+
+    image: Image.Image
+    info: ImageInfo
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_IMAGE, message)
+
+
+def check_pixels(info: ImageInfo, max_pixels: int) -> None:
+    """Raise ``too_many_pixels`` when ``info.width * info.height`` exceeds ``max_pixels``."""
+    pixels = info.width * info.height
+    if pixels > max_pixels:
+        raise ProtocolError(
+            ErrorCode.TOO_MANY_PIXELS,
+            f"image is {info.width}x{info.height} ({pixels} pixels), "
+            f"over the limit of {max_pixels} pixels",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Header parsing. The parsers read through a `_Source` so the same code serves a prefix in
+# memory (an upload in progress, or a whole buffer) and a file on disk (seeking past segments
+# instead of reading them). `None` from a source or a parser means "the data ends first".
+
+
+class _Source(Protocol):
+    def peek(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``; fewer (or none) where the data ends."""
+
+
+class _BufferSource:
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+
+    def peek(self, offset: int, size: int) -> bytes:
+        return self._view[offset : offset + size].tobytes()
+
+
+class _FileSource:
+    def __init__(self, fp: IO[bytes]) -> None:
+        self._fp = fp
+
+    def peek(self, offset: int, size: int) -> bytes:
+        self._fp.seek(offset)
+        return self._fp.read(size)
+
+
+def _read(src: _Source, offset: int, size: int) -> bytes | None:
+    data = src.peek(offset, size)
+    return data if len(data) == size else None
+
+
+def _info(width: int, height: int, fmt: str) -> ImageInfo:
+    if width <= 0 or height <= 0:
+        raise _invalid(f"{fmt} header gives an empty image ({width}x{height})")
+    return ImageInfo(width, height, fmt)
+
+
+def _scan_jpeg(src: _Source, pos: int, *, for_ff: bool) -> int | None:
+    """Offset of the first byte at/after ``pos`` that is (``for_ff``) or is not 0xFF."""
+    while chunk := src.peek(pos, _SCAN_CHUNK):
+        found = chunk.find(b"\xff") if for_ff else len(chunk) - len(chunk.lstrip(b"\xff"))
+        if 0 <= found < len(chunk):
+            return pos + found
+        pos += len(chunk)
+    return None
+
+
+def _probe_jpeg(src: _Source) -> ImageInfo | None:
+    pos = 2  # after SOI
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        # Stray bytes between segments are skipped, as libjpeg and Pillow do; any number of
+        # 0xFF fill bytes may precede a marker.
+        start = _scan_jpeg(src, pos, for_ff=True)
+        if start is None:
+            return None
+        at = _scan_jpeg(src, start, for_ff=False)
+        if at is None:
+            return None
+        marker = src.peek(at, 1)[0]
+        pos = at + 1
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue  # a stuffed 0xFF (junk here), TEM or RSTn: no length field
+        if marker in _JPEG_SOF:
+            sof = _read(src, pos, 7)
+            if sof is None:
+                return None
+            length, _precision, height, width = struct.unpack(">HBHH", sof)
+            if length < 8:
+                raise _invalid("JPEG frame header is too short")
+            return _info(width, height, "JPEG")
+        if marker in (0xD8, 0xD9, 0xDA):
+            raise _invalid("JPEG has no frame header before its image data")
+        if marker < 0xC0 or marker == 0xC8:
+            raise _invalid(f"JPEG uses reserved marker 0xFF{marker:02X}")
+        field = _read(src, pos, 2)  # APPn, COM, DQT, DHT, DRI, ...: skip by their length
+        if field is None:
+            return None
+        (length,) = struct.unpack(">H", field)
+        if length < 2:
+            raise _invalid("JPEG segment has an invalid length")
+        pos += length
+    raise _invalid("JPEG has too many segments before its frame header")
+
+
+def _probe_png(src: _Source) -> ImageInfo | None:
+    head = src.peek(8, 16)
+    if len(head) >= 8:
+        length, chunk_type = struct.unpack(">I4s", head[:8])
+        if chunk_type != b"IHDR" or length < 13:
+            raise _invalid("PNG does not start with an IHDR chunk")
+    if len(head) < 16:
+        return None
+    width, height = struct.unpack(">II", head[8:16])
+    if width > 0x7FFFFFFF or height > 0x7FFFFFFF:
+        raise _invalid("PNG dimensions are out of range")
+    return _info(width, height, "PNG")
+
+
+def _probe_gif(src: _Source) -> ImageInfo | None:
+    # The logical screen; frames may reach past it, which decode() checks on Pillow's size.
+    head = _read(src, 6, 4)
+    if head is None:
+        return None
+    width, height = struct.unpack("<HH", head)
+    return _info(width, height, "GIF")
+
+
+def _probe_webp(src: _Source) -> ImageInfo | None:
+    head = src.peek(0, 30)
+    if not b"WEBP".startswith(head[8:12]):
+        raise _invalid("RIFF file is not a WebP image")
+    if len(head) < 16:
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8 ":  # lossy: frame tag, start code, 14-bit dimensions (+2 scale bits)
+        if len(head) < 30:
+            return None
+        if head[23:26] != b"\x9d\x01\x2a":
+            raise _invalid("WebP VP8 bitstream has no start code")
+        width, height = struct.unpack("<HH", head[26:30])
+        return _info(width & 0x3FFF, height & 0x3FFF, "WEBP")
+    if chunk == b"VP8L":  # lossless: signature, then 14-bit width-1 and height-1
+        if len(head) < 25:
+            return None
+        if head[20] != 0x2F:
+            raise _invalid("WebP VP8L bitstream has a bad signature")
+        (bits,) = struct.unpack("<I", head[21:25])
+        return _info((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, "WEBP")
+    if chunk == b"VP8X":  # extended: 24-bit canvas width-1 and height-1
+        if len(head) < 30:
+            return None
+        width = int.from_bytes(head[24:27], "little") + 1
+        height = int.from_bytes(head[27:30], "little") + 1
+        return _info(width, height, "WEBP")
+    raise _invalid("WebP starts with an unknown chunk")
+
+
+def _probe_bmp(src: _Source) -> ImageInfo | None:
+    head = src.peek(0, 26)
+    if len(head) < 18:
+        return None
+    (header_size,) = struct.unpack("<I", head[14:18])
+    if header_size == 12:  # BITMAPCOREHEADER: unsigned 16-bit sizes
+        if len(head) < 22:
+            return None
+        width, height = struct.unpack("<HH", head[18:22])
+        return _info(width, height, "BMP")
+    if header_size not in _BMP_INFO_HEADERS:
+        raise _invalid(f"unsupported BMP header ({header_size} bytes)")
+    if len(head) < 26:
+        return None
+    width, height = struct.unpack("<ii", head[18:26])
+    # A negative height means rows are stored top-down; the size is its magnitude.
+    return _info(width, abs(height), "BMP")
+
+
+def _probe_tiff(src: _Source) -> ImageInfo | None:
+    endian = "<" if src.peek(0, 2) == b"II" else ">"
+    big = src.peek(2, 2) in (b"+\x00", b"\x00+")
+    if big:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+        head = _read(src, 4, 12)
+        if head is None:
+            return None
+        offset_size, _zero, ifd = struct.unpack(endian + "HHQ", head)
+        if offset_size != 8:
+            raise _invalid("BigTIFF header is malformed")
+        count_fmt, entry_fmt, entry_size, first = "Q", "HHQ", 20, 16
+    else:
+        head = _read(src, 4, 4)
+        if head is None:
+            return None
+        (ifd,) = struct.unpack(endian + "I", head)
+        count_fmt, entry_fmt, entry_size, first = "H", "HHI", 12, 8
+    if ifd < first:
+        raise _invalid("TIFF directory offset is invalid")
+    count_field = _read(src, ifd, struct.calcsize(endian + count_fmt))
+    if count_field is None:
+        return None
+    (count,) = struct.unpack(endian + count_fmt, count_field)
+    if count == 0:
+        raise _invalid("TIFF directory is empty")
+    count = min(count, _TIFF_MAX_ENTRIES)
+    entries = src.peek(ifd + len(count_field), count * entry_size)
+    value_formats = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8
+    size: dict[int, int] = {}
+    for start in range(0, len(entries) - entry_size + 1, entry_size):
+        tag, kind, n = struct.unpack_from(endian + entry_fmt, entries, start)
+        if tag not in (256, 257):  # ImageWidth, ImageLength
+            continue
+        value_format = value_formats.get(kind)
+        if value_format is None or n < 1:
+            raise _invalid("TIFF image size tag has an invalid type")
+        value_at = start + struct.calcsize(endian + entry_fmt)
+        (size[tag],) = struct.unpack_from(endian + value_format, entries, value_at)
+        if len(size) == 2:
+            return _info(size[256], size[257], "TIFF")
+    if len(entries) < count * entry_size:
+        return None
+    raise _invalid("TIFF directory has no image size")
+
+
+_SIGNATURES: tuple[tuple[bytes, Callable[[_Source], ImageInfo | None]], ...] = (
+    (b"\xff\xd8\xff", _probe_jpeg),
+    (b"\x89PNG\r\n\x1a\n", _probe_png),
+    (b"GIF87a", _probe_gif),
+    (b"GIF89a", _probe_gif),
+    (b"RIFF", _probe_webp),
+    (b"BM", _probe_bmp),
+    (b"II*\x00", _probe_tiff),
+    (b"MM\x00*", _probe_tiff),
+    (b"II+\x00", _probe_tiff),
+    (b"MM\x00+", _probe_tiff),
+)
+
+
+def _probe_source(src: _Source) -> ImageInfo | None:
+    head = src.peek(0, 8)
+    could_be = False
+    for signature, parser in _SIGNATURES:
+        if head.startswith(signature):
+            return parser(src)
+        could_be = could_be or (len(head) < len(signature) and signature.startswith(head))
+    if could_be:
+        return None
+    raise _invalid("not an image in a supported format (JPEG, PNG, GIF, WebP, BMP, TIFF)")
+
+
+def probe(prefix: bytes | bytearray | memoryview) -> ImageInfo | None:
+    """Read the size and format from the header at the front of an image file.
+
+    ``prefix``: the first bytes of the file, any length (the whole file is fine: only the
+    header is looked at, nothing is copied beyond a few KiB). Returns ``None`` when the bytes
+    end before the header does (call again once more bytes have arrived); raises
+    ``ProtocolError(invalid_image)`` as soon as the bytes cannot be a supported image.
+    Never decodes pixels and never allocates from a claimed size: cheap enough to run on the
+    event loop. For GIF the logical screen size is returned (frames may reach past it).
+    Pair it with :func:`check_pixels` to reject decompression bombs early.
+    """
+    return _probe_source(_BufferSource(_byte_view(prefix)))
+
+
+def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding.
+
+
+class _BufferReader(io.RawIOBase):
+    """A read-only, seekable file over a memoryview: Pillow reads from it without a full copy
+    (``io.BytesIO`` would copy a bytearray or memoryview up front)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = min(self._pos, len(self._view))
+        end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
+        self._pos = end
+        return self._view[start:end].tobytes()
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def decode(
+    data: bytes | bytearray | memoryview | str | os.PathLike[str],
+    *,
+    max_pixels: int,
+    hint: DecodeHint,
+) -> DecodedImage:
+    """Decode a whole image file into an RGB Pillow image no larger than the model needs.
+
+    ``data``: the file's bytes (``bytes``/``bytearray``/``memoryview``, read in place, not
+    copied: do not mutate it during the call), or a path (``str``/``os.PathLike``) to a file
+    that is opened and read in pieces. CPU-bound and blocking: call it in a worker process or
+    thread, not on the event loop.
+
+    Steps: the header is parsed (:func:`probe`) and ``width * height`` checked against
+    ``max_pixels`` before Pillow even opens the file; Pillow's lazily-opened size is checked
+    again (a GIF frame may grow the canvas) before any pixel is decoded. Only the first frame
+    of animated images (GIF, WebP, APNG) is decoded. With ``hint.min_short_side`` set, JPEGs
+    are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``draft``) and any image whose shorter
+    side is still at least twice ``min_short_side`` is box-reduced by an integer factor: the
+    result's shorter side lies in ``[min_short_side, 2 * min_short_side)`` for images at least
+    that large; smaller images are never upscaled. ``min_short_side=None`` keeps full size.
+    Palette, grayscale, 16-bit, CMYK and YCbCr images become RGB; alpha is composited over
+    white. The EXIF orientation is applied to the pixels, while ``info`` keeps the stored
+    width and height as the header gives them (what the client sent; a model sees the upright
+    image).
+
+    Raises ``ProtocolError``: ``too_many_pixels`` over ``max_pixels`` (or over Pillow's own
+    ``2 * Image.MAX_IMAGE_PIXELS``, whichever is lower); ``invalid_image`` for anything not a
+    whole, decodable image of a supported format, truncated data included (never padded).
+    ``OSError`` from opening or reading the given path itself (e.g. ``FileNotFoundError``)
+    propagates: that is the server's problem, not the client's.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Pillow would then pad truncated images with grey instead of failing.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
+    if hint.min_short_side is not None and hint.min_short_side < 1:
+        raise ValueError("hint.min_short_side must be positive or None")
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as fp:
+            header = _header(_FileSource(fp), max_pixels)
+            return _decode_file(fp, header, max_pixels, hint.min_short_side)
+    view = _byte_view(data)
+    header = _header(_BufferSource(view), max_pixels)
+    # BytesIO shares a bytes object's memory; other buffers get the zero-copy reader.
+    reader = io.BytesIO(data) if isinstance(data, bytes) else cast(IO[bytes], _BufferReader(view))
+    return _decode_file(reader, header, max_pixels, hint.min_short_side)
+
+
+def _header(src: _Source, max_pixels: int) -> ImageInfo:
+    info = _probe_source(src)
+    if info is None:
+        raise _invalid("image data ends inside its header")
+    check_pixels(info, max_pixels)
+    return info
+
+
+def _decode_file(
+    fp: IO[bytes], header: ImageInfo, max_pixels: int, min_short: int | None
+) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            # Our own limit has already been applied; Pillow's MAX_IMAGE_PIXELS warning would
+            # only be noise (or, under -W error, an exception of the wrong kind).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(fp, formats=[header.format])
+            return _decode_opened(image, header, max_pixels, min_short)
+    except ProtocolError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ProtocolError(
+            ErrorCode.TOO_MANY_PIXELS, f"image is over the decoder's limit of {limit} pixels"
+        ) from None
+    except _DECODE_ERRORS as exc:
+        problem = "truncated" if "truncated" in str(exc).lower() else "corrupt or unsupported"
+        raise _invalid(f"{problem} {header.format} data") from exc
+
+
+def _decode_opened(
+    image: ImageFile.ImageFile, header: ImageInfo, max_pixels: int, min_short: int | None
+) -> DecodedImage:
+    width, height = image.size
+    if header.format == "GIF":
+        # Pillow grows the canvas to fit a first frame that reaches past the logical screen.
+        if width < header.width or height < header.height:
+            raise _invalid("GIF size disagrees with its header")
+    elif (width, height) != (header.width, header.height):
+        # e.g. a JPEG with two frame headers: Pillow sizes by the last, libjpeg by the first.
+        raise _invalid(f"{header.format} headers disagree on the image size")
+    info = ImageInfo(width, height, header.format)
+    check_pixels(info, max_pixels)
+
+    if min_short is not None and header.format == "JPEG":
+        request = _draft_request(width, height, min_short)
+        if request is not None:
+            image.draft("RGB", request)
+    image.load()
+    orientation = _orientation(image)
+
+    result = _to_rgb(_shrink(_normalize(image), min_short))
+    method = _ORIENTATION.get(orientation)
+    if method is not None:
+        result = result.transpose(method)
+    if result is image:
+        # Nothing was converted: hand out a plain Image over the same pixels, so the result
+        # keeps no reference to the input buffer or file.
+        result = image._new(image.im)
+    return DecodedImage(result, info)
+
+
+def _draft_request(width: int, height: int, min_short: int) -> tuple[int, int] | None:
+    """The size to ask libjpeg for: the image's aspect ratio, shorter side ``min_short``.
+
+    JpegImageFile.draft picks the largest scale 1/s (s in 8, 4, 2) that keeps the decoded
+    size at least this large in both directions, so the shorter side stays >= min_short.
+    """
+    short, long_ = min(width, height), max(width, height)
+    if short < 2 * min_short:
+        return None  # libjpeg could not scale by even 1/2
+    long_request = -(-long_ * min_short // short)  # ceil: never ask for less than the ratio
+    return (min_short, long_request) if width <= height else (long_request, min_short)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:
+        # EXIF is optional metadata: a damaged block must not fail an image whose pixels
+        # decoded fine; it is then shown as stored.
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _normalize(image: Image.Image) -> Image.Image:
+    """Convert to a mode that ``reduce`` and :func:`_to_rgb` handle (L, LA, RGB, RGBA, CMYK,
+    YCbCr), keeping transparency as an alpha band. Cheap modes are left alone so the
+    conversion happens after shrinking."""
+    mode = image.mode
+    transparent = "transparency" in image.info
+    if mode in ("RGB", "L"):
+        return image.convert("RGBA") if transparent else image
+    if mode in ("RGBA", "LA", "CMYK", "YCbCr"):
+        return image
+    if mode in ("P", "PA"):
+        return image.convert("RGBA" if transparent or mode == "PA" else "RGB")
+    if mode == "1":
+        return image.convert("L")
+    if mode in ("La", "RGBa"):
+        return image.convert("RGBA")  # un-premultiply
+    if mode == "I" or mode.startswith("I;16"):
+        # Pillow's own I;16 -> L conversion clips at 255 (nearly everything turns white);
+        # keep the 8 most significant bits of the 16-bit samples instead. Mode I (32-bit) is
+        # assumed to hold 16-bit samples too, as Pillow's 16-bit PNG/TIFF readers produce.
+        samples = np.asarray(image)
+        return Image.fromarray((np.clip(samples, 0, 0xFFFF) >> 8).astype(np.uint8))
+    return image.convert("RGB")  # RGBX, HSV, F...; a mode Pillow cannot convert is invalid
+
+
+def _shrink(image: Image.Image, min_short: int | None) -> Image.Image:
+    if min_short is None:
+        return image
+    factor = min(image.size) // min_short
+    if factor < 2:
+        return image
+    # Box-average by an integer factor (alpha is premultiplied by Pillow): cheap, free of
+    # aliasing, and its rounded-up output keeps the shorter side >= min_short.
+    return image.reduce(factor)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA"):
+        rgba = image.convert("RGBA") if image.mode == "LA" else image
+        flattened = Image.new("RGB", rgba.size, _WHITE)
+        flattened.paste(rgba, mask=rgba.getchannel("A"))
+        return flattened
+    return image.convert("RGB")

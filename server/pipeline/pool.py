@@ -1,0 +1,363 @@
+"""The in-process job queue: a FIFO of jobs, a dynamic batcher, and worker processes.
+
+:meth:`WorkerPool.submit` returns a :class:`Ticket`, an async iterator of one job's events
+(``Queued`` with the live queue position, ``Dispatched``, ``StageReached``, then ``JobDone`` or
+``JobFailed``). When a worker is free, the batcher takes the oldest job and up to
+``max_batch_size - 1`` more of the same task; if fewer are waiting, it waits up to
+``max_wait_ms`` (from the oldest job's arrival) for the batch to fill.
+
+Workers are spawned processes (never forked: the gateway has threads and an event loop). A
+reader thread per worker turns its pipe into calls on the event loop. A worker that dies is
+replaced; each job it held is run once more, then failed with ``internal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from chunking.errors import ErrorCode, ProtocolError
+from server.metrics import Metrics
+from server.pipeline.jobs import (
+    Batch,
+    Dispatched,
+    Job,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    Queued,
+    Shutdown,
+    StageReached,
+    WorkerEvent,
+    WorkerReady,
+)
+from server.pipeline.worker import WorkerConfig, worker_main
+from server.storage.base import ImageRef
+
+log = logging.getLogger("pixelstream.pool")
+
+MAX_ATTEMPTS = 2
+"""A job whose worker died is run once more before it fails."""
+
+
+class Ticket:
+    """One job's events, in order; iteration ends after ``JobDone`` or ``JobFailed``."""
+
+    def __init__(self, job: Job, pool: WorkerPool) -> None:
+        self.job = job
+        self._pool = pool
+        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self.finished = False
+
+    def _put(self, event: JobEvent) -> None:
+        if not self.finished:
+            self.finished = isinstance(event, (JobDone, JobFailed))
+            self._events.put_nowait(event)
+
+    def cancel(self) -> None:
+        """Withdraw the job: it leaves the queue, or its outcome is ignored if running."""
+        if not self.finished:
+            self.finished = True
+            self._pool._cancel(self)
+
+    async def __aiter__(self) -> AsyncIterator[JobEvent]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, (JobDone, JobFailed)):
+                return
+
+
+@dataclass(eq=False)
+class _Pending:
+    ticket: Ticket
+    enqueued: float
+    attempts: int = 0
+    position: int = 0
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    ready: bool = False
+    in_flight: dict[int, _Pending] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def idle(self) -> bool:
+        return self.ready and not self.in_flight
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        workers: int,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._config = config
+        self._size = workers
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._metrics = metrics or Metrics()
+        self._context = multiprocessing.get_context("spawn")
+        self._pending: deque[_Pending] = deque()
+        self._workers: list[_Worker] = []
+        self._job_ids = itertools.count(1)
+        self._wakeup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._ready_changed = asyncio.Event()
+        self.startup_error: str | None = None
+        self.batches_sent = 0
+
+    # Life cycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for _ in range(self._size):
+            self._spawn()
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="batcher")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the workers (after their current batch) and fail what is still queued."""
+        self._stopping = True
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        while self._pending:
+            ticket = self._pending.popleft().ticket
+            ticket._put(JobFailed(ticket.job.job_id, ErrorCode.BUSY, "the server is shutting down"))
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(Shutdown())
+        deadline = time.monotonic() + grace_s
+        for worker in self._workers:
+            await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.join, 5)
+            worker.conn.close()
+        self._workers.clear()
+
+    @property
+    def ready(self) -> bool:
+        return any(worker.ready for worker in self._workers)
+
+    @property
+    def workers_ready(self) -> int:
+        return sum(worker.ready for worker in self._workers)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    async def wait_ready(self) -> None:
+        """Wait until every worker has loaded its models (or one failed to)."""
+        while self.workers_ready < self._size and self.startup_error is None:
+            self._ready_changed.clear()
+            await self._ready_changed.wait()
+        if self.startup_error is not None:
+            raise RuntimeError(self.startup_error)
+
+    # Jobs -------------------------------------------------------------------------------------
+
+    def submit(
+        self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int
+    ) -> Ticket:
+        """Queue a job. Raises ProtocolError(busy) when the queue is full, (internal) when the
+        workers could not start."""
+        if self.startup_error is not None:
+            raise ProtocolError(ErrorCode.INTERNAL, "the inference workers failed to start")
+        if len(self._pending) >= self.max_queue:
+            raise ProtocolError(
+                ErrorCode.BUSY, "the inference queue is full", retry_after_ms=self.retry_after_ms()
+            )
+        job = Job(next(self._job_ids), task, options, image, max_pixels)
+        ticket = Ticket(job, self)
+        pending = _Pending(ticket, time.monotonic())
+        self._pending.append(pending)
+        pending.position = len(self._pending)
+        ticket._put(Queued(pending.position))
+        self._metrics.queue_depth.set(len(self._pending))
+        self._wakeup.set()
+        return ticket
+
+    def retry_after_ms(self) -> int:
+        """A rough time for the queue to drain by a batch: enough for clients to back off."""
+        return 250 + 50 * len(self._pending) // max(1, self._size)
+
+    def _cancel(self, ticket: Ticket) -> None:
+        for pending in self._pending:
+            if pending.ticket is ticket:
+                self._pending.remove(pending)
+                self._positions_changed()
+                return
+        # Running: the worker finishes it, and _on_event finds the ticket finished.
+
+    def _positions_changed(self) -> None:
+        for index, pending in enumerate(self._pending, start=1):
+            if pending.position != index:
+                pending.position = index
+                pending.ticket._put(Queued(index))
+        self._metrics.queue_depth.set(len(self._pending))
+
+    # Batching ---------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                worker = next((w for w in self._workers if w.idle), None)
+                if worker is None:
+                    break
+                task = self._pending[0].ticket.job.task
+                same_task = sum(1 for p in self._pending if p.ticket.job.task == task)
+                remaining = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
+                if same_task < self.max_batch_size and remaining > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining):
+                            await self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                self._send_batch(worker, task)
+
+    def _send_batch(self, worker: _Worker, task: str) -> None:
+        taken: list[_Pending] = []
+        kept: deque[_Pending] = deque()
+        for pending in self._pending:
+            if len(taken) < self.max_batch_size and pending.ticket.job.task == task:
+                taken.append(pending)
+            else:
+                kept.append(pending)
+        self._pending = kept
+        now = time.monotonic()
+        for pending in taken:
+            pending.attempts += 1
+            worker.in_flight[pending.ticket.job.job_id] = pending
+            pending.ticket._put(Dispatched(queue_ms=(now - pending.enqueued) * 1000))
+        try:
+            worker.conn.send(Batch([p.ticket.job for p in taken]))
+        except OSError:
+            log.warning("worker %s pipe closed while sending a batch", worker.process.pid)
+        self.batches_sent += 1
+        self._metrics.batch_size.observe(len(taken))
+        self._positions_changed()
+
+    # Worker events (on the event loop) ----------------------------------------------------------
+
+    def _on_event(self, worker: _Worker, event: WorkerEvent) -> None:
+        if isinstance(event, WorkerReady):
+            worker.ready = True
+            worker.models = event.models
+            self._metrics.workers_ready.set(self.workers_ready)
+            self._notify_ready()
+            self._wakeup.set()
+            return
+        if isinstance(event, StageReached):
+            for job_id in event.job_ids:
+                pending = worker.in_flight.get(job_id)
+                if pending is not None:
+                    pending.ticket._put(StageReached([job_id], event.stage))
+            return
+        pending = worker.in_flight.pop(event.job_id, None)
+        if pending is not None:
+            pending.ticket._put(event)
+        if not worker.in_flight:
+            self._wakeup.set()
+
+    def _on_exit(self, worker: _Worker) -> None:
+        if worker not in self._workers:
+            return
+        self._workers.remove(worker)
+        worker.conn.close()
+        self._metrics.workers_ready.set(self.workers_ready)
+        if self._stopping:
+            return
+        if not worker.ready:
+            self.startup_error = (
+                f"an inference worker exited while loading its model (exit code "
+                f"{worker.process.exitcode}); see the log"
+            )
+            log.error("%s", self.startup_error)
+            self._notify_ready()
+            self._fail_all(worker.in_flight.values(), "the inference workers failed to start")
+            self._fail_all(self._pending, "the inference workers failed to start")
+            self._pending.clear()
+            return
+        log.error("worker %s died (exit code %s); replacing it", worker.process.pid,
+                  worker.process.exitcode)
+        retry = [p for p in worker.in_flight.values() if p.attempts < MAX_ATTEMPTS]
+        self._fail_all(
+            [p for p in worker.in_flight.values() if p.attempts >= MAX_ATTEMPTS],
+            "the inference worker stopped while running this job",
+        )
+        for pending in sorted(retry, key=lambda p: p.enqueued, reverse=True):
+            if not pending.ticket.finished:
+                self._pending.appendleft(pending)
+        self._positions_changed()
+        self._spawn()
+
+    @staticmethod
+    def _fail_all(pendings: Any, message: str) -> None:
+        for pending in list(pendings):
+            pending.ticket._put(JobFailed(pending.ticket.job.job_id, ErrorCode.INTERNAL, message))
+
+    def _notify_ready(self) -> None:
+        self._ready_changed.set()
+
+    def _spawn(self) -> None:
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=worker_main, args=(child_end, self._config), name="pixelstream-worker",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        worker = _Worker(process, parent_end)
+        self._workers.append(worker)
+        threading.Thread(
+            target=self._read_worker, args=(worker,), name="worker-reader", daemon=True
+        ).start()
+
+    def _read_worker(self, worker: _Worker) -> None:
+        """Reader thread: forwards one worker's events to the loop until its pipe closes."""
+        assert self._loop is not None
+        loop = self._loop
+        while True:
+            try:
+                event = worker.conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # an unpicklable event: a bug in the worker, not fatal here
+                log.exception("unreadable event from worker %s", worker.process.pid)
+                continue
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self._on_event, worker, event)
+        worker.process.join()
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._on_exit, worker)

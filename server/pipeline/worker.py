@@ -1,0 +1,142 @@
+"""The inference worker: a separate process that decodes images and runs the models.
+
+:func:`worker_main` is the process entry point; :func:`run_batch` is the per-batch logic, a
+plain generator of events so tests can drive it in-process. A failure is confined to its job:
+a bad image fails at decode, and a batch whose ``predict`` raises is retried one item at a
+time so only the culprit fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from chunking.errors import ErrorCode, ProtocolError
+from chunking.messages import Stage
+from server.pipeline.analyzers.base import Analyzer, TaskSpec
+from server.pipeline.decode import decode
+from server.pipeline.jobs import (
+    Batch,
+    Job,
+    JobDone,
+    JobFailed,
+    Shutdown,
+    StageReached,
+    WorkerEvent,
+    WorkerReady,
+)
+
+log = logging.getLogger("pixelstream.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    specs: tuple[TaskSpec, ...]
+    torch_threads: int = 1
+
+
+def load_analyzers(specs: tuple[TaskSpec, ...]) -> dict[str, Analyzer]:
+    analyzers: dict[str, Analyzer] = {}
+    for spec in specs:
+        analyzer = spec.create_analyzer()
+        analyzer.load()
+        analyzers[spec.task] = analyzer
+    return analyzers
+
+
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
+    """Process entry point: load the models, announce readiness, then serve batches."""
+    # Ctrl-C goes to the whole process group; the gateway decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    # Read by torch (and numpy's BLAS) when first imported, which happens in load().
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(max(1, config.torch_threads))
+    analyzers = load_analyzers(config.specs)
+    conn.send(WorkerReady(pid=os.getpid(), models={t: a.model_id for t, a in analyzers.items()}))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the gateway is gone
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, Batch):
+            for event in run_batch(analyzers, message):
+                conn.send(event)
+
+
+@dataclass
+class _Prepared:
+    job: Job
+    image: dict[str, Any]
+    item: Any
+    decode_ms: float
+
+
+def _fault(job: Job, what: str) -> JobFailed:
+    log.exception("job %d: %s", job.job_id, what)
+    return JobFailed(job.job_id, ErrorCode.INTERNAL, f"{what} failed on the server")
+
+
+def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch) -> Iterator[WorkerEvent]:
+    """Decode, preprocess, predict and encode one batch; yields stage events and outcomes."""
+    prepared: list[_Prepared] = []
+    for job in batch.jobs:
+        analyzer = analyzers.get(job.task)
+        if analyzer is None:
+            yield JobFailed(job.job_id, ErrorCode.UNKNOWN_TASK, f"no worker model for {job.task!r}")
+            continue
+        yield StageReached([job.job_id], Stage.DECODING)
+        started = time.perf_counter()
+        source = job.image.path if job.image.path is not None else job.image.data
+        try:
+            assert source is not None
+            decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode_hint)
+            item = analyzer.preprocess(decoded.image, job.options)
+        except ProtocolError as exc:
+            yield JobFailed(job.job_id, exc.code, exc.message)
+            continue
+        except FileNotFoundError:
+            # The upload was cancelled and its spool file freed while queued.
+            yield JobFailed(job.job_id, ErrorCode.INTERNAL, "the image was released")
+            continue
+        except Exception:
+            yield _fault(job, "decoding")
+            continue
+        decode_ms = (time.perf_counter() - started) * 1000
+        prepared.append(_Prepared(job, decoded.info.to_dict(), item, decode_ms))
+    if not prepared:
+        return
+    analyzer = analyzers[prepared[0].job.task]
+    yield StageReached([p.job.job_id for p in prepared], Stage.INFERENCE)
+    started = time.perf_counter()
+    outputs: list[Any] | None
+    try:
+        outputs = analyzer.predict([p.item for p in prepared])
+        if len(outputs) != len(prepared):
+            raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(prepared)}")
+    except Exception:
+        log.exception("batch of %d failed; retrying one by one", len(prepared))
+        outputs = None
+    inference_ms = (time.perf_counter() - started) * 1000
+    for index, p in enumerate(prepared):
+        try:
+            if outputs is None:
+                started = time.perf_counter()
+                output = analyzer.predict([p.item])[0]
+                inference_ms = (time.perf_counter() - started) * 1000
+            else:
+                output = outputs[index]
+            result = analyzer.encode(output, p.job.options)
+        except Exception:
+            yield _fault(p.job, "inference")
+            continue
+        timings = {"decode": round(p.decode_ms, 3), "inference": round(inference_ms, 3)}
+        yield JobDone(p.job.job_id, result=result, image=p.image, timings_ms=timings)

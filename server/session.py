@@ -1,0 +1,525 @@
+"""One WebSocket's protocol session: uploads, camera streams, and what goes back.
+
+The endpoint (:mod:`server.ws`) feeds each received frame to :meth:`Session.receive_text` or
+:meth:`Session.receive_binary` and drains :class:`Outbox` to the socket. A handler either
+sends its answers or raises ProtocolError; the error is sent with the ids of the message that
+caused it, and the socket carries on. Analysis of a finished upload runs in a task owned by
+the app, not the socket: if the socket drops, the upload's outcome waits for a resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from chunking.codec import (
+    encode_server,
+    error_from_exception,
+    parse_client_binary,
+    parse_client_text,
+)
+from chunking.errors import ErrorCode, ProtocolError
+from chunking.messages import (
+    Accepted,
+    Cancel,
+    Cancelled,
+    Chunk,
+    ClientMessage,
+    Dropped,
+    Error,
+    Frame,
+    Progress,
+    Result,
+    ServerMessage,
+    Stage,
+    Upload,
+    Welcome,
+)
+from chunking.reassembler import Appended, Lifecycle, UploadEvent, UploadState
+from server.limits import TokenBucket
+from server.pipeline.analyzers.base import TaskSpec
+from server.state import AppState
+from server.storage.base import FinishedUpload, ImageRef, UploadHandle, UploadMeta
+from server.storage.memory import new_resume_token
+
+log = logging.getLogger("pixelstream.session")
+
+_STAGE_EVENTS = {
+    Stage.QUEUED: UploadEvent.QUEUED,
+    Stage.DECODING: UploadEvent.DECODING,
+    Stage.INFERENCE: UploadEvent.INFERENCE,
+}
+
+
+class Outbox:
+    """Messages waiting for one socket. Producers never block; the reader waits for
+    :meth:`drained` so a client that does not read stops being read (backpressure)."""
+
+    def __init__(self, high_water: int = 256) -> None:
+        self.high_water = high_water
+        self._messages: deque[bytes] = deque()
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    def send(self, message: ServerMessage) -> None:
+        self._messages.append(encode_server(message))
+        self._ready.set()
+        if len(self._messages) > self.high_water:
+            self._drained.clear()
+
+    async def drained(self) -> None:
+        await self._drained.wait()
+
+    async def run(self, websocket: WebSocket) -> None:
+        """Send queued messages until cancelled (or the socket fails)."""
+        while True:
+            await self._ready.wait()
+            while self._messages:
+                await websocket.send_text(self._messages.popleft().decode())
+                if len(self._messages) <= self.high_water // 2:
+                    self._drained.set()
+            self._ready.clear()
+
+
+@dataclass(eq=False)
+class LiveUpload:
+    """An upload from ``accepted`` until its outcome is delivered (or it is cancelled)."""
+
+    token: str
+    meta: UploadMeta
+    accepted_at: float
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    handle: UploadHandle | None = None
+    """The store's handle while bytes are still arriving."""
+    session: Session | None = None
+    """The socket that owns it now; None while no socket does (awaiting a resume)."""
+    upload_id: str = ""
+    """The owner's name for it (a resume on another socket may pick another id)."""
+    detached_at: float = 0.0
+    last_stage: Progress | None = None
+    undelivered: Result | Error | None = None
+    """The outcome, when it came while no socket owned the upload."""
+    analysis: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    last_seq: int = -1
+    running: asyncio.Task[None] | None = None
+    waiting: tuple[Frame, TaskSpec, dict[str, Any]] | None = None
+
+
+class Session:
+    def __init__(self, app: AppState, outbox: Outbox, principal: str | None = None) -> None:
+        self.app = app
+        self.outbox = outbox
+        self.principal = principal
+        self.key = secrets.token_hex(12)
+        self.uploads: dict[str, LiveUpload] = {}
+        self.streams: dict[str, _Stream] = {}
+        settings = app.settings
+        self.bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
+        self.closed = False
+
+    # Entry points -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        service = self.app.service
+        self.outbox.send(
+            Welcome(session=self.key, limits=self.app.limits, tasks=service.tasks,
+                    default_task=service.default_task)
+        )
+
+    async def receive_text(self, text: str) -> None:
+        await self._receive(lambda: parse_client_text(text, self.app.limits))
+
+    async def receive_binary(self, data: bytes) -> None:
+        await self._receive(lambda: parse_client_binary(data, self.app.limits))
+
+    def close(self) -> None:
+        """The socket is gone: uploads wait for a resume, streams stop."""
+        self.closed = True
+        now = time.monotonic()
+        for live in self.uploads.values():
+            if live.session is self:
+                live.session = None
+                live.detached_at = now
+        self.uploads.clear()
+        for stream in self.streams.values():
+            stream.waiting = None
+            if stream.running is not None:
+                stream.running.cancel()
+        self.streams.clear()
+
+    # Dispatch -----------------------------------------------------------------------------------
+
+    async def _receive(self, parse: Callable[[], ClientMessage]) -> None:
+        wait_ms = self.bucket.take()  # every message counts, bad ones too
+        message: ClientMessage | None = None
+        try:
+            message = parse()
+            if wait_ms:
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED, "too many messages on this socket; slow down",
+                    retry_after_ms=wait_ms,
+                )
+            if isinstance(message, Chunk):
+                await self._on_chunk(message)
+            elif isinstance(message, Upload):
+                await self._on_upload(message)
+            elif isinstance(message, Frame):
+                self._on_frame(message)
+            elif isinstance(message, Cancel):
+                await self._on_cancel(message)
+        except ProtocolError as exc:
+            self.send_error(self._with_ids(exc, message))
+        except Exception:
+            reference = secrets.token_hex(4)
+            log.exception("unexpected fault handling a message (ref %s)", reference)
+            fault = ProtocolError(ErrorCode.INTERNAL, f"unexpected server fault (ref {reference})")
+            self.send_error(self._with_ids(fault, message))
+        await self.outbox.drained()
+
+    def _with_ids(self, exc: ProtocolError, message: ClientMessage | None) -> ProtocolError:
+        """Name the upload or frame an error concerns (and, for chunks, where to resume)."""
+        if isinstance(message, (Upload, Chunk, Cancel)) and exc.upload_id is None:
+            exc.upload_id = message.id
+        if isinstance(message, Frame) and exc.stream is None:
+            exc.stream, exc.seq = message.stream, message.seq
+        if (
+            isinstance(message, Chunk)
+            and exc.code is ErrorCode.RATE_LIMITED
+            and (live := self.uploads.get(message.id)) is not None
+        ):
+            exc.expected = live.handle.received if live.handle is not None else live.meta.size
+        return exc
+
+    def send(self, message: ServerMessage) -> None:
+        if not self.closed:
+            self.outbox.send(message)
+
+    def send_error(self, exc: ProtocolError) -> None:
+        self.app.metrics.errors.labels(exc.code.value).inc()
+        self.send(error_from_exception(exc))
+
+    # Uploads ------------------------------------------------------------------------------------
+
+    def _receiving(self) -> int:
+        return sum(
+            1 for live in self.uploads.values() if live.lifecycle.state is UploadState.RECEIVING
+        )
+
+    def _check_can_receive(self) -> None:
+        if self._receiving() >= self.app.limits.max_uploads:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_UPLOADS,
+                f"this socket already receives {self.app.limits.max_uploads} uploads",
+            )
+
+    async def _on_upload(self, message: Upload) -> None:
+        if message.id in self.uploads:
+            raise ProtocolError(
+                ErrorCode.DUPLICATE_UPLOAD, f"id {message.id!r} already names a live upload"
+            )
+        if message.resume is not None:
+            await self._resume(message, message.resume)
+            return
+        self._check_can_receive()
+        service = self.app.service
+        spec, options = service.resolve(message.task, message.options)
+        service.check_capacity()
+        meta = UploadMeta(
+            upload_id=message.id, size=message.size, task=spec.task, options=options,
+            sha256=message.sha256, name=message.name, principal=self.principal,
+        )
+        if message.sha256 is not None:
+            payload = await service.lookup(service.cache_key(message.sha256, spec, options))
+            if payload is not None:
+                # The client sends no chunks: its token names nothing, nothing is held.
+                self.send(Accepted(id=message.id, offset=message.size, resume=new_resume_token()))
+                self.send(Result(**payload, cached=True, timings_ms={}, id=message.id))
+                self.app.metrics.uploads.labels("cached").inc()
+                return
+        handle = await self.app.store.create(meta, self.key)
+        live = LiveUpload(token=handle.token, meta=meta, accepted_at=time.monotonic(),
+                          handle=handle)
+        self.app.live[live.token] = live
+        self._adopt(live, message.id)
+        self.app.metrics.uploads.labels("accepted").inc()
+        self.send(Accepted(id=message.id, offset=0, resume=live.token))
+
+    async def _resume(self, message: Upload, token: str) -> None:
+        live = self.app.live.get(token)
+        if live is None or live.meta.principal != self.principal:
+            raise ProtocolError(ErrorCode.UNKNOWN_UPLOAD, "the resume token names no live upload")
+        if message.size != live.meta.size or message.sha256 != live.meta.sha256:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, "size and sha256 must match the upload being resumed"
+            )
+        receiving = live.lifecycle.state is UploadState.RECEIVING
+        if receiving:
+            self._check_can_receive()
+            live.handle = await self.app.store.claim(token, self.key)
+        self._adopt(live, message.id)
+        held = live.handle.received if receiving and live.handle is not None else live.meta.size
+        self.send(Accepted(id=message.id, offset=held, resume=token))
+        if live.undelivered is not None:
+            deliver_outcome(self.app, live, live.undelivered)
+        elif live.last_stage is not None:
+            deliver(self.app, live, live.last_stage)
+
+    def _adopt(self, live: LiveUpload, upload_id: str) -> None:
+        """Make this socket the upload's owner; an older socket loses it."""
+        previous = live.session
+        if previous is not None and previous.uploads.get(live.upload_id) is live:
+            del previous.uploads[live.upload_id]
+        live.session = self
+        live.upload_id = upload_id
+        self.uploads[upload_id] = live
+
+    async def _on_chunk(self, chunk: Chunk) -> None:
+        live = self.uploads.get(chunk.id)
+        if live is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_UPLOAD, f"no live upload {chunk.id!r}")
+        if live.handle is None:
+            # Every byte is already held: replays are acknowledged, anything else refused.
+            size = live.meta.size
+            if chunk.offset + len(chunk.data) > size:
+                raise ProtocolError(
+                    ErrorCode.OFFSET_MISMATCH, "the upload is complete", expected=size
+                )
+            self.send(Progress(id=chunk.id, stage=Stage.UPLOAD, received=size, total=size))
+            return
+        try:
+            event = await self.app.store.write(live.handle, self.key, chunk)
+        except ProtocolError as exc:
+            if exc.code is ErrorCode.UNKNOWN_UPLOAD:
+                self.uploads.pop(chunk.id, None)
+            raise
+        if isinstance(event, Appended):
+            self.app.metrics.upload_bytes.inc(len(chunk.data))
+        self.send(Progress(id=chunk.id, stage=Stage.UPLOAD, received=event.received,
+                           total=event.total))
+        if isinstance(event, Appended) and event.complete:
+            await self._finish(live)
+
+    async def _finish(self, live: LiveUpload) -> None:
+        assert live.handle is not None
+        upload_ms = (time.monotonic() - live.accepted_at) * 1000
+        handle, live.handle = live.handle, None
+        try:
+            finished = await self.app.store.finish(handle)
+        except ProtocolError:
+            live.lifecycle.advance(UploadEvent.FAIL)
+            self._forget(live)
+            self.app.metrics.uploads.labels("failed").inc()
+            raise
+        live.lifecycle.advance(UploadEvent.LAST_BYTE)
+        live.analysis = self.app.spawn(
+            analyze_upload(self.app, live, finished, round(upload_ms, 3)), name="analyze-upload"
+        )
+
+    async def _on_cancel(self, message: Cancel) -> None:
+        live = self.uploads.get(message.id)
+        if live is None or not live.lifecycle.allows(UploadEvent.CANCEL):
+            raise ProtocolError(ErrorCode.UNKNOWN_UPLOAD, f"no live upload {message.id!r}")
+        live.lifecycle.advance(UploadEvent.CANCEL)
+        self._forget(live)
+        if live.handle is not None:
+            await self.app.store.discard(live.token)
+            live.handle = None
+        if live.analysis is not None:
+            live.analysis.cancel()
+        self.app.metrics.uploads.labels("cancelled").inc()
+        self.send(Cancelled(id=message.id))
+
+    def _forget(self, live: LiveUpload) -> None:
+        forget(self.app, live)
+
+    # Camera frames ------------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        spec, options = self.app.service.resolve(frame.task, frame.options)
+        stream = self.streams.get(frame.stream)
+        if stream is None:
+            if len(self.streams) >= self.app.limits.max_uploads:
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_UPLOADS,
+                    f"this socket already has {self.app.limits.max_uploads} camera streams",
+                )
+            stream = self.streams[frame.stream] = _Stream()
+        if frame.seq <= stream.last_seq:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"seq must grow within a stream (last was {stream.last_seq})",
+            )
+        stream.last_seq = frame.seq
+        # Own the bytes: the received message's buffer is not ours to keep.
+        frame = replace(frame, data=bytes(frame.data))
+        if stream.running is None:
+            self._run_frame(stream, frame, spec, options)
+            return
+        if stream.waiting is not None:
+            superseded = stream.waiting[0]
+            self.send(Dropped(stream=superseded.stream, seq=superseded.seq, reason="superseded"))
+            self.app.metrics.frames.labels("dropped").inc()
+        stream.waiting = (frame, spec, options)
+
+    def _run_frame(
+        self, stream: _Stream, frame: Frame, spec: TaskSpec, options: dict[str, Any]
+    ) -> None:
+        stream.running = asyncio.create_task(
+            self._analyze_frame(stream, frame, spec, options), name="analyze-frame"
+        )
+
+    async def _analyze_frame(
+        self, stream: _Stream, frame: Frame, spec: TaskSpec, options: dict[str, Any]
+    ) -> None:
+        service = self.app.service
+        try:
+            data = bytes(frame.data)
+            key = service.cache_key(hashlib.sha256(data).hexdigest(), spec, options)
+            payload = await service.lookup(key)
+            cached = payload is not None
+            timings: dict[str, float] = {}
+            if payload is None:
+                image = ImageRef(size=len(data), data=data)
+                payload, timings = await service.run(spec, options, image, key)
+            self.app.metrics.observe_timings(timings)
+            self.app.metrics.frames.labels("processed").inc()
+            self.send(Result(**payload, cached=cached, timings_ms=timings, stream=frame.stream,
+                             seq=frame.seq))
+        except ProtocolError as exc:
+            exc.stream, exc.seq = frame.stream, frame.seq
+            self.app.metrics.frames.labels("failed").inc()
+            self.send_error(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("frame %s/%d failed", frame.stream, frame.seq)
+            self.send_error(ProtocolError(ErrorCode.INTERNAL, "unexpected server fault",
+                                          stream=frame.stream, seq=frame.seq))
+        finally:
+            stream.running = None
+            if stream.waiting is not None and not self.closed:
+                waiting, stream.waiting = stream.waiting, None
+                self._run_frame(stream, *waiting)
+
+
+# Upload outcomes: module functions, since an upload can outlive the socket that began it. -------
+
+
+def forget(app: AppState, live: LiveUpload) -> None:
+    """The upload is no longer live: its token and id name nothing from now on."""
+    if app.live.get(live.token) is live:
+        del app.live[live.token]
+    session = live.session
+    if session is not None and session.uploads.get(live.upload_id) is live:
+        del session.uploads[live.upload_id]
+
+
+def deliver(app: AppState, live: LiveUpload, message: Progress | Result | Error) -> None:
+    """Send a message about ``live`` to its current owner, under the owner's id for it."""
+    if isinstance(message, Progress):
+        live.last_stage = message
+    if live.session is not None:
+        live.session.send(replace(message, id=live.upload_id))
+
+
+def deliver_outcome(app: AppState, live: LiveUpload, message: Result | Error) -> None:
+    """Deliver the final message; without an owner, keep it for the resume that will ask."""
+    if live.session is None:
+        live.undelivered = message
+        return
+    if isinstance(message, Error):
+        app.metrics.errors.labels(message.code.value).inc()
+    deliver(app, live, message)
+    forget(app, live)
+
+
+async def analyze_upload(
+    app: AppState, live: LiveUpload, finished: FinishedUpload, upload_ms: float
+) -> None:
+    service = app.service
+    meta = live.meta
+
+    def on_stage(stage: Stage, position: int | None) -> None:
+        queue_moved = stage is Stage.QUEUED and live.lifecycle.state is UploadState.QUEUED
+        if not queue_moved:
+            event = _STAGE_EVENTS[stage]
+            if not live.lifecycle.allows(event):
+                return
+            live.lifecycle.advance(event)
+        deliver(app, live, Progress(id=live.upload_id, stage=stage, position=position))
+
+    try:
+        spec = service.specs[meta.task]
+        key = service.cache_key(finished.sha256, spec, meta.options)
+        payload = await service.lookup(key)
+        cached = payload is not None
+        timings = {"upload": upload_ms}
+        if payload is None:
+            payload, job_timings = await service.run(spec, meta.options, finished.image, key,
+                                                     on_stage)
+            timings.update(job_timings)
+        app.metrics.observe_timings(timings)
+        if live.lifecycle.allows(UploadEvent.RESULT):
+            live.lifecycle.advance(UploadEvent.RESULT)
+            app.metrics.uploads.labels("cached" if cached else "completed").inc()
+            deliver_outcome(app, live, Result(**payload, cached=cached, timings_ms=timings,
+                                              id=live.upload_id))
+    except ProtocolError as exc:
+        if live.lifecycle.allows(UploadEvent.FAIL):
+            live.lifecycle.advance(UploadEvent.FAIL)
+            app.metrics.uploads.labels("failed").inc()
+            exc.upload_id = live.upload_id
+            deliver_outcome(app, live, error_from_exception(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        reference = secrets.token_hex(4)
+        log.exception("analysis of upload %s failed (ref %s)", meta.upload_id, reference)
+        if live.lifecycle.allows(UploadEvent.FAIL):
+            live.lifecycle.advance(UploadEvent.FAIL)
+            fault = ProtocolError(ErrorCode.INTERNAL, f"unexpected server fault (ref {reference})",
+                                  upload_id=live.upload_id)
+            deliver_outcome(app, live, error_from_exception(fault))
+    finally:
+        await app.store.release(finished.image)
+
+
+async def expire_idle_uploads(app: AppState) -> int:
+    """Discard partial uploads idle past the timeout, and outcomes nobody came back for."""
+    idle_s = app.settings.upload_idle_timeout_s
+    expired = 0
+    for handle in await app.store.expire_idle(idle_s):
+        live = app.live.get(handle.token)
+        if live is None:
+            continue
+        expired += 1
+        live.handle = None
+        live.lifecycle.advance(UploadEvent.FAIL)
+        app.metrics.uploads.labels("expired").inc()
+        if live.session is not None:
+            live.session.send_error(ProtocolError(
+                ErrorCode.UPLOAD_EXPIRED,
+                f"no chunk for {idle_s:g} s: the partial upload was discarded",
+                upload_id=live.upload_id,
+            ))
+        forget(app, live)
+    deadline = time.monotonic() - idle_s
+    for live in list(app.live.values()):
+        if live.session is None and live.undelivered is not None and live.detached_at <= deadline:
+            forget(app, live)
+            expired += 1
+    return expired

@@ -1,0 +1,118 @@
+"""Settings: embedded defaults, overridden by ``PIXELSTREAM_*`` variables, then by CLI flags.
+
+Every field can be set from the environment as ``PIXELSTREAM_<FIELD NAME IN CAPITALS>``
+(``PIXELSTREAM_MAX_CHUNK_BYTES=1048576``, ``PIXELSTREAM_API_TOKENS=a,b``); lists are
+comma-separated. :func:`Settings.from_env` reads them and refuses values it cannot parse,
+naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from chunking.limits import Limits
+
+ENV_PREFIX = "PIXELSTREAM_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Protocol limits (announced in welcome).
+    max_image_bytes: int = 256 * 1024 * 1024
+    max_chunk_bytes: int = 4 * 1024 * 1024
+    max_pixels: int = 178_956_970
+    max_uploads: int = 8
+    window_bytes: int = 16 * 1024 * 1024
+
+    # Inference.
+    model: str | None = None
+    """A transformers image-classification model folder or hub id; None: the bundled default."""
+    workers: int = 1
+    """Inference worker processes."""
+    torch_threads: int = 0
+    """Threads per worker for torch; 0: the CPU count divided among the workers."""
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    """How long a batch may wait for more jobs once a worker is free for it."""
+    max_queue: int = 128
+    """Jobs waiting for a worker beyond which new work is answered ``busy``."""
+
+    # Uploads and results.
+    upload_idle_timeout_s: float = 600.0
+    """A partial upload that sees no chunk for this long is discarded."""
+    spool_dir: Path | None = None
+    """Where upload buffers live (memory-mapped files); None: /dev/shm when it has room."""
+    cache_entries: int = 1024
+    """Results kept in the in-memory LRU cache; 0 disables it."""
+
+    # Security and fairness.
+    api_tokens: tuple[str, ...] = ()
+    """When set, every WebSocket and analyze request needs one of these tokens."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to open the WebSocket; empty: the server's own origin only."""
+    messages_per_second: float = 1000.0
+    message_burst: int = 2000
+    """Per-socket token bucket over every inbound message, bad ones included."""
+
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.limits  # noqa: B018 -- validates the limit fields early
+        for name in ("workers", "max_batch_size", "max_queue", "message_burst"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_wait_ms < 0 or self.messages_per_second <= 0:
+            raise ValueError("max_wait_ms must be >= 0 and messages_per_second > 0")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_image_bytes=self.max_image_bytes,
+            max_chunk_bytes=self.max_chunk_bytes,
+            max_pixels=self.max_pixels,
+            max_uploads=self.max_uploads,
+            window_bytes=self.window_bytes,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``PIXELSTREAM_*`` variables, then ``overrides`` (None values skipped)."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, hints[f.name], raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    variable = ENV_PREFIX + name.upper()
+    text = raw.strip()
+    try:
+        if kind in (int, float):
+            return kind(text)
+        if kind == str | None:
+            return text or None
+        if kind == Path | None:
+            return Path(text) if text else None
+        if kind == tuple[str, ...]:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if kind is str:
+            return text
+    except ValueError:
+        raise ValueError(f"{variable}={raw!r} is not a valid {kind.__name__}") from None
+    raise TypeError(f"no parser for setting {name}")  # a field type this function lacks
+

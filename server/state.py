@@ -1,0 +1,39 @@
+"""What the app's WebSocket sessions and routes share: settings, backends, live uploads."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from chunking.limits import Limits
+from server.analysis import AnalysisService
+from server.limits import KeyedBuckets
+from server.metrics import Metrics
+from server.pipeline.spool import Spool
+from server.settings import Settings
+from server.storage.base import UploadStore
+
+if TYPE_CHECKING:
+    from server.session import LiveUpload
+
+
+@dataclass(eq=False)
+class AppState:
+    settings: Settings
+    limits: Limits
+    metrics: Metrics
+    spool: Spool
+    store: UploadStore
+    service: AnalysisService
+    http_buckets: KeyedBuckets
+    live: dict[str, LiveUpload] = field(default_factory=dict)
+    """Uploads of this process from ``accepted`` until their outcome is delivered, by token."""
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coroutine: object, name: str) -> asyncio.Task[None]:
+        """Run a task that outlives the socket that started it, keeping a reference."""
+        task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)  # type: ignore[arg-type]
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task

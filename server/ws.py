@@ -1,0 +1,70 @@
+"""``GET /v1/ws``: check the handshake, then read → feed the session → send, until the end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, WebSocket
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect
+
+from server.auth import TokenAuth, origin_allowed, presented_token
+from server.session import Outbox, Session
+from server.state import AppState
+
+router = APIRouter()
+
+
+async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse the handshake with an HTTP answer (or close 1008 where the server can't)."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(
+            JSONResponse({"code": code, "message": message}, status_code=status)
+        )
+    else:
+        await websocket.close(code=1008)
+
+
+@router.websocket("/v1/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    app: AppState = websocket.app.state.pixelstream
+    auth: TokenAuth = websocket.app.state.auth
+    if not origin_allowed(
+        websocket.headers.get("origin"), websocket.headers.get("host"),
+        app.settings.allowed_origins,
+    ):
+        await _refuse(websocket, 403, "forbidden_origin", "this origin may not open the socket")
+        return
+    principal = None
+    if auth.required:
+        principal = auth.principal(presented_token(websocket.headers, websocket.query_params))
+        if principal is None:
+            await _refuse(websocket, 401, "unauthorized", "a valid API token is required")
+            return
+    await websocket.accept()
+    outbox = Outbox()
+    session = Session(app, outbox, principal)
+    sender = asyncio.create_task(outbox.run(websocket), name="ws-sender")
+    app.metrics.active_sockets.inc()
+    try:
+        session.start()
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            text = message.get("text")
+            if text is not None:
+                await session.receive_text(text)
+            else:
+                await session.receive_binary(message.get("bytes") or b"")
+            if sender.done():
+                break  # the socket failed under the sender
+    except WebSocketDisconnect:
+        pass
+    finally:
+        app.metrics.active_sockets.dec()
+        session.close()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
