@@ -479,8 +479,13 @@ def _decode_file(
     try:
         with warnings.catch_warnings():
             # Our own limit has already been applied; Pillow's MAX_IMAGE_PIXELS warning would
-            # only be noise (or, under -W error, an exception of the wrong kind).
+            # only be noise (or, under -W error, an exception of the wrong kind). Likewise its
+            # UserWarnings about damaged metadata ("Corrupt EXIF data", "Tag data larger than
+            # file"): a client's bad file is answered, not logged. (catch_warnings swaps the
+            # process-wide filter list: decodes in concurrent threads could restore each
+            # other's filters; the worker process decodes one image at a time.)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             image = Image.open(fp, formats=[header.format])
             return _decode_opened(image, header, max_pixels, min_short)
     except ProtocolError:

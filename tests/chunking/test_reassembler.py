@@ -152,7 +152,9 @@ def chunkings(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int]]]:
 
 @settings(max_examples=300)
 @given(chunkings())
-def test_any_split_with_replays_reassembles_exactly(case: tuple[bytes, list[tuple[int, int]]]) -> None:
+def test_any_split_with_replays_reassembles_exactly(
+    case: tuple[bytes, list[tuple[int, int]]],
+) -> None:
     data, sends = case
     r = Reassembler(len(data), sha256=hashlib.sha256(data).hexdigest())
     for offset, length in sends:

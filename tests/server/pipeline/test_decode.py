@@ -46,7 +46,11 @@ def pattern(width: int, height: int, seed: int = 0) -> np.ndarray:
     """A smooth colour gradient plus noise: realistic for JPEG, not constant."""
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack(
-        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) * 127 // (width + height)],
+        [
+            x * 255 // max(width - 1, 1),
+            y * 255 // max(height - 1, 1),
+            (x + y) * 127 // (width + height),
+        ],
         axis=-1,
     )
     noise = np.random.default_rng(seed).integers(-12, 13, size=(height, width, 3))
@@ -152,7 +156,7 @@ def patch_tiff(data: bytes, width: int, height: int) -> bytes:
     (ifd,) = struct.unpack("<I", data[4:8])
     (count,) = struct.unpack("<H", data[ifd : ifd + 2])
     for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
-        tag, kind = struct.unpack("<HH", data[entry : entry + 4])
+        (tag,) = struct.unpack("<H", data[entry : entry + 2])
         if tag in (256, 257):
             value = width if tag == 256 else height
             out[entry + 2 : entry + 4] = struct.pack("<H", 4)  # LONG
@@ -165,6 +169,14 @@ def expect_error(code: ErrorCode, call: Callable[[], object]) -> ProtocolError:
         call()
     assert caught.value.code == code, caught.value.message
     return caught.value
+
+
+def outcome(call: Callable[[], object]) -> object:
+    """The call's result, or the ProtocolError it raised (any other exception propagates)."""
+    try:
+        return call()
+    except ProtocolError as exc:
+        return exc
 
 
 def run_decode(
@@ -233,7 +245,9 @@ EXPECTED_FORMAT = {
 }
 
 
-@pytest.mark.parametrize(("name", "data"), small_images(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("name", "data"), small_images(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_probe_reads_each_format_and_waits_for_incomplete_headers(name: str, data: bytes) -> None:
     expected = ImageInfo(123, 45, EXPECTED_FORMAT[name.split("-")[0]])
     answers = [probe(data[:n]) for n in range(len(data) + 1)]
@@ -276,7 +290,9 @@ def jpeg_with_big_segments() -> tuple[bytes, int]:
     # Add a comment segment and 0xFF fill bytes before it (both legal, both must be skipped).
     com = b"\xff\xfe" + struct.pack(">H", 2 + 30_000) + b"c" * 30_000
     data = data[:2] + b"\xff" * 5 + com + data[2:]
-    sof = next(pos for pos, marker in jpeg_segments(data.replace(b"\xff" * 5, b"", 1)) if marker == 0xC0)
+    sof = next(
+        pos for pos, marker in jpeg_segments(data.replace(b"\xff" * 5, b"", 1)) if marker == 0xC0
+    )
     return data, sof + 5
 
 
@@ -304,14 +320,26 @@ def test_probe_skips_big_app_segments_and_fill_bytes() -> None:
         b"GIF89a\x00\x00\x10\x00\x00",  # zero width
         np.random.default_rng(3).bytes(4096),
     ],
-    ids=["text", "svg", "wav", "png-no-ihdr", "jpeg-no-sof", "jpeg-bad-length", "bmp", "gif-0", "random"],
+    ids=[
+        "text",
+        "svg",
+        "wav",
+        "png-no-ihdr",
+        "jpeg-no-sof",
+        "jpeg-bad-length",
+        "bmp",
+        "gif-0",
+        "random",
+    ],
 )
 def test_non_images_are_invalid(data: bytes) -> None:
     expect_error(ErrorCode.INVALID_IMAGE, lambda: probe(data))
     expect_error(ErrorCode.INVALID_IMAGE, lambda: run_decode(data))
 
 
-@pytest.mark.parametrize("data", [b"", b"\xff", b"\xff\xd8", b"\x89PN", b"GIF8", b"RIFF", b"B", b"II*"])
+@pytest.mark.parametrize(
+    "data", [b"", b"\xff", b"\xff\xd8", b"\x89PN", b"GIF8", b"RIFF", b"B", b"II*"]
+)
 def test_prefixes_of_signatures_need_more_bytes(data: bytes) -> None:
     assert probe(data) is None
     message = expect_error(ErrorCode.INVALID_IMAGE, lambda: run_decode(data)).message
@@ -319,20 +347,29 @@ def test_prefixes_of_signatures_need_more_bytes(data: bytes) -> None:
 
 
 signatures = st.sampled_from(
-    [b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8", b"BM", b"II*\x00", b"MM\x00+"]
+    [
+        b"",
+        b"\xff\xd8\xff",
+        b"\x89PNG\r\n\x1a\n",
+        b"GIF89a",
+        b"RIFF\0\0\0\0WEBPVP8",
+        b"BM",
+        b"II*\x00",
+        b"MM\x00+",
+    ]
 )
 
 
 @settings(max_examples=1000, deadline=None)
 @given(head=signatures, tail=st.binary(max_size=300))
 def test_probe_on_arbitrary_bytes_only_raises_invalid_image(head: bytes, tail: bytes) -> None:
-    data = head + tail
-    try:
-        answer = probe(data)
-    except ProtocolError as exc:
-        assert exc.code == ErrorCode.INVALID_IMAGE
-    else:
-        assert answer is None or (answer.width > 0 and answer.height > 0)
+    answer = outcome(lambda: probe(head + tail))
+    if isinstance(answer, ProtocolError):
+        assert answer.code == ErrorCode.INVALID_IMAGE
+    elif answer is not None:
+        assert isinstance(answer, ImageInfo)
+        assert answer.width > 0
+        assert answer.height > 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,7 +401,9 @@ def no_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
 
 
-@pytest.mark.parametrize(("name", "tiny", "patch"), bomb_sources(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("name", "tiny", "patch"), bomb_sources(), ids=lambda v: v if isinstance(v, str) else ""
+)
 @pytest.mark.usefixtures("no_pillow")
 def test_bombs_are_rejected_from_the_header(
     name: str, tiny: bytes, patch: Callable[[bytes, int, int], bytes]
@@ -387,7 +426,9 @@ def test_bombs_are_rejected_from_the_header(
     assert str(DEFAULT_MAX_PIXELS) in error.message
 
 
-@pytest.mark.parametrize(("name", "tiny", "patch"), bomb_sources(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("name", "tiny", "patch"), bomb_sources(), ids=lambda v: v if isinstance(v, str) else ""
+)
 @pytest.mark.usefixtures("no_pillow")
 def test_bombs_under_pillows_own_limit_are_still_ours_to_reject(
     name: str, tiny: bytes, patch: Callable[[bytes, int, int], bytes], tmp_path: Path
@@ -442,7 +483,9 @@ def test_pillow_limit_maps_to_too_many_pixels(monkeypatch: pytest.MonkeyPatch) -
     expect_error(ErrorCode.TOO_MANY_PIXELS, lambda: run_decode(data))
 
 
-def test_pillow_bomb_warning_is_neither_raised_nor_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pillow_bomb_warning_is_neither_raised_nor_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     data = encode(pattern_image(100, 100), "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10000 pixels: Pillow only warns
     with warnings.catch_warnings():
@@ -564,8 +607,10 @@ def test_reduced_decode_needs_far_less_memory(big_jpeg: Path) -> None:
     # in C, invisible to tracemalloc.
     full_kib, full_s, full_size = peak_rss_kib(big_jpeg, None)
     reduced_kib, reduced_s, reduced_size = peak_rss_kib(big_jpeg, 256)
-    print(f"full {full_size}: {full_kib} KiB, {full_s * 1000:.0f} ms; "
-          f"reduced {reduced_size}: {reduced_kib} KiB, {reduced_s * 1000:.0f} ms")
+    print(
+        f"full {full_size}: {full_kib} KiB, {full_s * 1000:.0f} ms; "
+        f"reduced {reduced_size}: {reduced_kib} KiB, {reduced_s * 1000:.0f} ms"
+    )
     assert full_size == (6000, 4000)
     assert reduced_size == (750, 500)
     assert full_kib > 6000 * 4000 * 3 // 1024  # sanity: the measurement sees pixel memory
@@ -636,7 +681,9 @@ def test_exif_orientation_with_reduced_jpeg() -> None:
     assert result.info == ImageInfo(1200, 800, "JPEG")
     assert result.image.size == (200, 300)  # 1/4 scale, then upright
     top_right = pixels(result)[5, -5]
-    assert top_right[0] > 200 and top_right[1] < 60 and top_right[2] < 60
+    assert top_right[0] > 200
+    assert top_right[1] < 60
+    assert top_right[2] < 60
 
 
 def grey16_png() -> bytes:
@@ -715,7 +762,9 @@ COLOUR_CASES: list[tuple[str, Callable[[], bytes], Callable[[np.ndarray], bool]]
 
 
 @pytest.mark.parametrize(("name", "build", "check"), COLOUR_CASES, ids=[c[0] for c in COLOUR_CASES])
-def test_modes_become_rgb(name: str, build: Callable[[], bytes], check: Callable[[np.ndarray], bool]) -> None:
+def test_modes_become_rgb(
+    name: str, build: Callable[[], bytes], check: Callable[[np.ndarray], bool]
+) -> None:
     result = run_decode(build())
     assert check(pixels(result)), pixels(result)[:2, :4]
 
@@ -763,8 +812,10 @@ def test_truncated_files_are_invalid(fmt: str, tmp_path: Path) -> None:
     path = tmp_path / "secret-name.bin"
     path.write_bytes(cut)
     error = expect_error(ErrorCode.INVALID_IMAGE, lambda: run_decode(path))
-    assert "secret-name" not in error.message and str(tmp_path) not in error.message
-    assert "Traceback" not in error.message and len(error.message) < 80
+    assert "secret-name" not in error.message
+    assert str(tmp_path) not in error.message
+    assert "Traceback" not in error.message
+    assert len(error.message) < 80
 
 
 def test_png_cut_inside_its_last_image_data_is_invalid() -> None:
@@ -786,7 +837,10 @@ def test_missing_file_is_not_blamed_on_the_client(tmp_path: Path) -> None:
         run_decode(tmp_path / "gone.jpg")
 
 
-FUZZ_SEEDS = [encode(pattern_image(24, 16, seed=9), fmt) for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")]
+FUZZ_SEEDS = [
+    encode(pattern_image(24, 16, seed=9), fmt)
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -802,11 +856,11 @@ def test_damaged_images_decode_or_raise_protocol_errors(
     for at, value in edits:
         data[at % len(data)] = value
     del data[max(cut, 1) :]
-    try:
-        result = decode(bytes(data), max_pixels=1_000_000, hint=DecodeHint(8))
-    except ProtocolError as exc:
-        assert exc.code in (ErrorCode.INVALID_IMAGE, ErrorCode.TOO_MANY_PIXELS)
+    result = outcome(lambda: decode(bytes(data), max_pixels=1_000_000, hint=DecodeHint(8)))
+    if isinstance(result, ProtocolError):
+        assert result.code in (ErrorCode.INVALID_IMAGE, ErrorCode.TOO_MANY_PIXELS)
     else:
+        assert isinstance(result, DecodedImage)
         assert result.image.mode == "RGB"
         assert result.info.width * result.info.height <= 1_000_000
 
@@ -828,7 +882,7 @@ def test_animated_images_give_their_first_frame(fmt: str, params: dict[str, obje
     first, *rest = frames()
     data = encode(first, fmt, save_all=True, append_images=rest, duration=100, **params)
     with Image.open(io.BytesIO(data)) as check:
-        assert check.n_frames == 3
+        assert getattr(check, "n_frames", 1) == 3
     result = run_decode(data)
     assert result.info == ImageInfo(32, 24, fmt)
     assert np.all(np.abs(pixels(result) - [255, 0, 0]) <= 2)
