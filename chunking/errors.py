@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     """HTTP only: a token is required and none (or a wrong one) was given."""
     UPLOAD_EXPIRED = "upload_expired"
     """A partial upload saw no chunk for the configured idle time and was discarded."""
+    FORBIDDEN_ORIGIN = "forbidden_origin"
+    """Handshake only: a browser Origin the server does not allow."""
 
 
 class ProtocolError(Exception):

@@ -127,7 +127,9 @@ class AnalysisService:
                         await self.cache.set(key, payload)
                     return payload, timings
                 elif isinstance(event, JobFailed):
-                    raise ProtocolError(event.code, event.message)
+                    # PROTOCOL.md: ``busy`` always tells the client when to come back.
+                    retry = self.pool.retry_after_ms() if event.code is ErrorCode.BUSY else None
+                    raise ProtocolError(event.code, event.message, retry_after_ms=retry)
         finally:
             ticket.cancel()
         raise ProtocolError(ErrorCode.INTERNAL, "the job ended without an outcome")

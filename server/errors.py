@@ -12,6 +12,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_IMAGE: 400,
     ErrorCode.CHECKSUM_MISMATCH: 400,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN_ORIGIN: 403,
     ErrorCode.UNKNOWN_UPLOAD: 404,
     ErrorCode.DUPLICATE_UPLOAD: 409,
     ErrorCode.OFFSET_MISMATCH: 409,
@@ -28,6 +29,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 
 def error_response(exc: ProtocolError) -> JSONResponse:
     headers = {}
+    if exc.code is ErrorCode.UNAUTHORIZED:  # RFC 9110: a 401 must name the scheme it wants
+        headers["WWW-Authenticate"] = 'Bearer realm="pixelstream"'
     if exc.retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, -(-exc.retry_after_ms // 1000)))
     body: dict[str, object] = {"code": exc.code.value, "message": exc.message}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from importlib import resources
 from typing import Any, BinaryIO
 
@@ -22,6 +23,7 @@ from server.state import AppState
 from server.storage.base import ImageRef
 
 router = APIRouter()
+log = logging.getLogger("pixelstream.http")
 
 _THREAD_THRESHOLD = 1 << 20
 """Hash and copy images larger than this off the event loop."""
@@ -137,6 +139,12 @@ async def _answer(request: Request, handler: Any) -> Response:
     except ProtocolError as exc:
         app.metrics.errors.labels(exc.code.value).inc()
         response = error_response(exc)
+    except Exception:  # a fault: PROTOCOL.md's ``internal`` answer, details only in the log
+        log.exception("%s %s failed", request.method, request.url.path)
+        app.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
+        response = error_response(
+            ProtocolError(ErrorCode.INTERNAL, "the server failed to process the request")
+        )
     app.metrics.http_requests.labels(str(response.status_code)).inc()
     return response
 

@@ -7,6 +7,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+_SLACK = 1e-6
+"""Tokens of float rounding slack, so that a client that waits exactly the announced
+retry-after is not refused again by a rounding error (0.7 + 0.3 < 1.0 in floats)."""
+
 
 class TokenBucket:
     """``rate`` tokens per second, holding at most ``burst``. Starts full."""
@@ -28,10 +32,10 @@ class TokenBucket:
         now = self._clock()
         self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
         self._stamp = now
-        if self.tokens >= cost:
-            self.tokens -= cost
+        if self.tokens + _SLACK >= cost:
+            self.tokens = max(0.0, self.tokens - cost)
             return 0
-        return max(1, math.ceil((cost - self.tokens) / self.rate * 1000))
+        return max(1, math.ceil((cost - self.tokens - _SLACK) / self.rate * 1000))
 
 
 class KeyedBuckets:

@@ -37,7 +37,7 @@ class Settings:
     workers: int = 1
     """Inference worker processes."""
     torch_threads: int = 0
-    """Threads per worker for torch; 0: the CPU count divided among the workers."""
+    """Threads per worker for torch; 0: the cores but one, divided among the workers."""
     max_batch_size: int = 8
     max_wait_ms: float = 5.0
     """How long a batch may wait for more jobs once a worker is free for it."""
@@ -68,7 +68,7 @@ class Settings:
         for name in ("workers", "max_batch_size", "max_queue", "message_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_wait_ms < 0 or self.messages_per_second <= 0:
+        if not (self.max_wait_ms >= 0 and self.messages_per_second > 0):  # NaN fails too
             raise ValueError("max_wait_ms must be >= 0 and messages_per_second > 0")
 
     @property
@@ -103,7 +103,10 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
     text = raw.strip()
     try:
         if kind in (int, float):
-            return kind(text)
+            value = kind(text)
+            if value != value:  # NaN passes every range check, and disables rate limits
+                raise ValueError("not a number")
+            return value
         if kind == str | None:
             return text or None
         if kind == Path | None:

@@ -9,18 +9,21 @@ from fastapi import APIRouter, WebSocket
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
+from chunking.errors import ErrorCode
 from server.auth import TokenAuth, origin_allowed, presented_token
+from server.errors import HTTP_STATUS
 from server.session import Outbox, Session
 from server.state import AppState
 
 router = APIRouter()
 
 
-async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
+async def _refuse(websocket: WebSocket, code: ErrorCode, message: str) -> None:
     """Refuse the handshake with an HTTP answer (or close 1008 where the server can't)."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(
-            JSONResponse({"code": code, "message": message}, status_code=status)
+            JSONResponse({"code": code.value, "message": message},
+                         status_code=HTTP_STATUS[code])
         )
     else:
         await websocket.close(code=1008)
@@ -34,13 +37,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         websocket.headers.get("origin"), websocket.headers.get("host"),
         app.settings.allowed_origins,
     ):
-        await _refuse(websocket, 403, "forbidden_origin", "this origin may not open the socket")
+        await _refuse(websocket, ErrorCode.FORBIDDEN_ORIGIN, "this origin may not open the socket")
         return
     principal = None
     if auth.required:
         principal = auth.principal(presented_token(websocket.headers, websocket.query_params))
         if principal is None:
-            await _refuse(websocket, 401, "unauthorized", "a valid API token is required")
+            await _refuse(websocket, ErrorCode.UNAUTHORIZED, "a valid API token is required")
             return
     await websocket.accept()
     outbox = Outbox()

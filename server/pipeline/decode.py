@@ -147,8 +147,11 @@ class _BufferSource:
 class _FileSource:
     def __init__(self, fp: IO[bytes]) -> None:
         self._fp = fp
+        self._size = os.fstat(fp.fileno()).st_size
 
     def peek(self, offset: int, size: int) -> bytes:
+        if offset >= self._size:
+            return b""  # also keeps a claimed 64-bit offset away from seek()
         self._fp.seek(offset)
         return self._fp.read(size)
 
@@ -425,10 +428,11 @@ def decode(
 ) -> DecodedImage:
     """Decode a whole image file into an RGB Pillow image no larger than the model needs.
 
-    ``data``: the file's bytes (``bytes``/``bytearray``/``memoryview``, read in place, not
-    copied: do not mutate it during the call), or a path (``str``/``os.PathLike``) to a file
-    that is opened and read in pieces. CPU-bound and blocking: call it in a worker process or
-    thread, not on the event loop.
+    ``data``: the file's bytes (``bytes``/``bytearray``/``memoryview``, read in place; do not
+    mutate it during the call), or a path (``str``/``os.PathLike``) to a file that is opened
+    and read from directly. JPEG, PNG, GIF and BMP are read a piece at a time; Pillow's WebP
+    reader (and its TIFF reader, for buffers) takes one whole copy. CPU-bound and blocking:
+    call it in a worker process or thread, not on the event loop.
 
     Steps: the header is parsed (:func:`probe`) and ``width * height`` checked against
     ``max_pixels`` before Pillow even opens the file; Pillow's lazily-opened size is checked
@@ -504,12 +508,10 @@ def _decode_opened(
     image: ImageFile.ImageFile, header: ImageInfo, max_pixels: int, min_short: int | None
 ) -> DecodedImage:
     width, height = image.size
-    if header.format == "GIF":
-        # Pillow grows the canvas to fit a first frame that reaches past the logical screen.
-        if width < header.width or height < header.height:
-            raise _invalid("GIF size disagrees with its header")
-    elif (width, height) != (header.width, header.height):
-        # e.g. a JPEG with two frame headers: Pillow sizes by the last, libjpeg by the first.
+    # Pillow grows a GIF's canvas to fit a first frame that reaches past the logical screen:
+    # the size checked (and reported) is Pillow's. Other formats must agree with the header;
+    # e.g. a JPEG with two frame headers: Pillow sizes by the last, libjpeg by the first.
+    if header.format != "GIF" and (width, height) != (header.width, header.height):
         raise _invalid(f"{header.format} headers disagree on the image size")
     info = ImageInfo(width, height, header.format)
     check_pixels(info, max_pixels)

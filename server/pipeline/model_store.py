@@ -224,19 +224,19 @@ def _build_lock(target: Path) -> Iterator[None]:
 
 
 def _check_replaceable(target: Path) -> None:
-    """Refuse to replace something that is not a model folder we (or transformers) made."""
+    """Refuse to replace anything but an empty directory or a folder this module made.
+
+    Builds are atomic, so a folder without our marker was not made here (it may be someone's
+    own model): it is never deleted, not even with ``force``.
+    """
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir() or target.is_symlink():
         raise ModelUnavailable(f"{target} exists and is not a directory; remove it or pick another")
-    if (
-        read_marker(target) is None
-        and not (target / "config.json").is_file()
-        and any(target.iterdir())
-    ):
+    if read_marker(target) is None and any(target.iterdir()):
         raise ModelUnavailable(
-            f"{target} exists, is not empty and does not look like a prepared model; "
-            "remove it or point PIXELSTREAM_MODEL_DIR elsewhere"
+            f"{target} exists, is not empty and is not a model prepared by pixelstream "
+            f"(no {MARKER_NAME}); remove it or point {MODEL_DIR_ENV} elsewhere"
         )
 
 

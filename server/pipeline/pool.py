@@ -94,6 +94,7 @@ class _Worker:
     ready: bool = False
     in_flight: dict[int, _Pending] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
+    reader: threading.Thread | None = None
 
     @property
     def idle(self) -> bool:
@@ -138,7 +139,11 @@ class WorkerPool:
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="batcher")
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop the workers (after their current batch) and fail what is still queued."""
+        """Stop the workers (after their current batch) and fail what is still queued.
+
+        A worker still busy after ``grace_s`` is killed and its jobs are failed: every ticket
+        gets an outcome.
+        """
         self._stopping = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
@@ -147,16 +152,28 @@ class WorkerPool:
         while self._pending:
             ticket = self._pending.popleft().ticket
             ticket._put(JobFailed(ticket.job.job_id, ErrorCode.BUSY, "the server is shutting down"))
-        for worker in self._workers:
+        self._metrics.queue_depth.set(0)
+        # A copy: _on_exit removes workers from the list while this awaits.
+        workers = list(self._workers)
+        for worker in workers:
             with contextlib.suppress(OSError):
                 worker.conn.send(Shutdown())
         deadline = time.monotonic() + grace_s
-        for worker in self._workers:
+        for worker in workers:
             await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 await asyncio.to_thread(worker.process.join, 5)
+        for worker in workers:
+            # Let the reader forward what the worker sent before it exited, then close.
+            if worker.reader is not None:
+                await asyncio.to_thread(worker.reader.join, 5)
             worker.conn.close()
+            for pending in list(worker.in_flight.values()):
+                pending.ticket._put(JobFailed(
+                    pending.ticket.job.job_id, ErrorCode.BUSY, "the server is shutting down"
+                ))
+            worker.in_flight.clear()
         self._workers.clear()
 
     @property
@@ -263,7 +280,14 @@ class WorkerPool:
         try:
             worker.conn.send(Batch([p.ticket.job for p in taken]))
         except OSError:
+            # The worker is dying: its reader thread reports the exit, which retries these.
             log.warning("worker %s pipe closed while sending a batch", worker.process.pid)
+        except Exception:
+            # A job that cannot be sent (say, unpicklable options) must not stop the batcher.
+            log.exception("could not send a batch to worker %s", worker.process.pid)
+            for pending in taken:
+                worker.in_flight.pop(pending.ticket.job.job_id, None)
+            self._fail_all(taken, "the job could not be handed to a worker")
         self.batches_sent += 1
         self._metrics.batch_size.observe(len(taken))
         self._positions_changed()
@@ -320,6 +344,7 @@ class WorkerPool:
             if not pending.ticket.finished:
                 self._pending.appendleft(pending)
         self._positions_changed()
+        self._wakeup.set()  # another worker may be idle: it need not wait for the replacement
         self._spawn()
 
     @staticmethod
@@ -340,9 +365,10 @@ class WorkerPool:
         child_end.close()
         worker = _Worker(process, parent_end)
         self._workers.append(worker)
-        threading.Thread(
+        worker.reader = threading.Thread(
             target=self._read_worker, args=(worker,), name="worker-reader", daemon=True
-        ).start()
+        )
+        worker.reader.start()
 
     def _read_worker(self, worker: _Worker) -> None:
         """Reader thread: forwards one worker's events to the loop until its pipe closes."""

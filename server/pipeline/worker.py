@@ -58,6 +58,11 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     # Read by torch (and numpy's BLAS) when first imported, which happens in load().
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(max(1, config.torch_threads))
+    from PIL import Image
+
+    # decode() checks every header against the job's max_pixels before decoding; Pillow's
+    # own default limit (about 179 MP) would otherwise cap a larger configured max_pixels.
+    Image.MAX_IMAGE_PIXELS = None
     analyzers = load_analyzers(config.specs)
     conn.send(WorkerReady(pid=os.getpid(), models={t: a.model_id for t, a in analyzers.items()}))
     while True:
@@ -130,8 +135,11 @@ def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch) -> Iterator[Worke
         try:
             if outputs is None:
                 started = time.perf_counter()
-                output = analyzer.predict([p.item])[0]
+                alone = analyzer.predict([p.item])
                 inference_ms = (time.perf_counter() - started) * 1000
+                if len(alone) != 1:  # the same check as for the batch
+                    raise RuntimeError(f"predict returned {len(alone)} outputs for 1")
+                output = alone[0]
             else:
                 output = outputs[index]
             result = analyzer.encode(output, p.job.options)

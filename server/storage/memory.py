@@ -91,12 +91,15 @@ class MemoryUploadStore:
 
     async def finish(self, handle: Any) -> FinishedUpload:
         upload: MemoryUpload = handle
-        self._uploads.pop(upload.token, None)
+        if self._uploads.get(upload.token) is not upload:  # finished, discarded or expired
+            raise unknown_upload(upload.meta.upload_id, "this upload is no longer held")
         try:
-            digest = upload.reassembler.finish()
+            digest = upload.reassembler.finish()  # an incomplete upload stays held
         except ProtocolError:
+            del self._uploads[upload.token]
             self._free(upload)
             raise
+        del self._uploads[upload.token]
         upload.reassembler.release()
         spool_file = upload.spool_file
         self._finished[str(spool_file.path)] = spool_file

@@ -219,15 +219,12 @@ def test_stale_marker_triggers_rebuild(
     assert _leftovers(tmp_path) == []
 
 
-def test_folder_without_marker_is_not_complete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    target = tmp_path / "partial"
+def test_empty_target_directory_is_filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "empty"
     target.mkdir()
-    (target / "config.json").write_text("{}", encoding="utf-8")  # a half-made model folder
     calls: list[Path] = []
     monkeypatch.setattr(model_store, "_build", _fake_build(calls))
-    prepare_default_model(target)
+    assert prepare_default_model(target) == target
     assert len(calls) == 1
     assert read_marker(target) is not None
 
@@ -246,13 +243,16 @@ def test_failed_build_leaves_nothing_behind(
     assert _leftovers(tmp_path) == []
 
 
-def test_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("content", ["notes.txt", "config.json"])
+def test_refuses_to_replace_a_foreign_directory(tmp_path: Path, content: str, force: bool) -> None:
     target = tmp_path / "mine"
     target.mkdir()
-    (target / "notes.txt").write_text("keep me", encoding="utf-8")
-    with pytest.raises(ModelUnavailable, match="does not look like a prepared model"):
-        prepare_default_model(target, force=True)
-    assert (target / "notes.txt").read_text(encoding="utf-8") == "keep me"
+    (target / content).write_text("keep me", encoding="utf-8")  # e.g. someone's own model
+    with pytest.raises(ModelUnavailable, match="not a model prepared by pixelstream"):
+        prepare_default_model(target, force=force)
+    assert (target / content).read_text(encoding="utf-8") == "keep me"
+    assert _leftovers(tmp_path) == []
 
 
 def test_concurrent_prepares_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

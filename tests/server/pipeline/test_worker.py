@@ -1,0 +1,251 @@
+"""run_batch in-process, with tiny fake analyzers: event order and fault confinement."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chunking.errors import ErrorCode, ProtocolError
+from chunking.messages import Stage
+from server.pipeline.analyzers.base import DecodeHint
+from server.pipeline.analyzers.colors import ColorsSpec
+from server.pipeline.jobs import Batch, Job, JobDone, JobFailed, StageReached, WorkerEvent
+from server.pipeline.worker import WorkerConfig, load_analyzers, run_batch
+from server.storage.base import ImageRef
+from tests.conftest import make_image
+
+MAX_PIXELS = 40_000_000
+SECRET = "/srv/secret/weights.bin"
+"""Appears in every exception the fakes raise: it must never reach a client's message."""
+
+
+class FakeAnalyzer:
+    """Preprocess gives the image's width; predict multiplies by 10; encode wraps it.
+
+    ``poison``: a width whose presence makes predict raise for the whole batch.
+    ``bad_encode``: an output encode refuses. ``extra``: outputs predict adds to each answer.
+    """
+
+    task = "fake"
+    model_id = "test/fake"
+    decode_hint = DecodeHint(min_short_side=None)
+
+    def __init__(self, *, poison: int | None = None, bad_encode: int | None = None,
+                 extra: int = 0, bad_preprocess: int | None = None) -> None:
+        self.poison = poison
+        self.bad_encode = bad_encode
+        self.bad_preprocess = bad_preprocess
+        self.extra = extra
+        self.loaded = False
+        self.predict_calls: list[int] = []
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def preprocess(self, image: Any, options: Mapping[str, Any]) -> Any:
+        if image.width == self.bad_preprocess:
+            raise ZeroDivisionError(f"preprocess blew up reading {SECRET}")
+        return image.width
+
+    def predict(self, batch: Sequence[Any]) -> list[Any]:
+        self.predict_calls.append(len(batch))
+        if self.poison in batch:
+            raise ValueError(f"CUDA error in {SECRET}")
+        return [width * 10 for width in batch] + [0] * self.extra
+
+    def encode(self, output: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        if output == self.bad_encode:
+            raise KeyError(SECRET)
+        return {"value": output, "options": dict(options)}
+
+
+def png(width: int) -> bytes:
+    return make_image(width, 10, "PNG", seed=width)
+
+
+def job(job_id: int, width: int, task: str = "fake", **options: Any) -> Job:
+    data = png(width)
+    return Job(job_id, task, options, ImageRef(size=len(data), data=data), MAX_PIXELS)
+
+
+def run(analyzer: Any, *jobs: Job) -> list[WorkerEvent]:
+    return list(run_batch({analyzer.task: analyzer}, Batch(list(jobs))))
+
+
+def outcomes(events: list[WorkerEvent]) -> dict[int, JobDone | JobFailed]:
+    out: dict[int, JobDone | JobFailed] = {}
+    for event in events:
+        if isinstance(event, (JobDone, JobFailed)):
+            assert event.job_id not in out, f"two outcomes for job {event.job_id}"
+            out[event.job_id] = event
+    return out
+
+
+def assert_clean(failed: JobDone | JobFailed, code: ErrorCode) -> None:
+    """Failed with ``code``, and the message says what without paths or tracebacks."""
+    assert isinstance(failed, JobFailed), failed
+    assert failed.code is code
+    assert failed.message
+    for leak in ("/", "Traceback", "secret", "Error", 'File "'):
+        assert leak not in failed.message, failed.message
+
+
+def test_events_come_in_stage_order_with_one_outcome_per_job() -> None:
+    analyzer = FakeAnalyzer()
+    events = run(analyzer, job(1, 11, colors=2), job(2, 12), job(3, 13))
+    assert events[:4] == [
+        StageReached([1], Stage.DECODING),
+        StageReached([2], Stage.DECODING),
+        StageReached([3], Stage.DECODING),
+        StageReached([1, 2, 3], Stage.INFERENCE),
+    ]
+    done = events[4:]
+    assert [type(e) for e in done] == [JobDone] * 3
+    assert [e.job_id for e in done] == [1, 2, 3]
+    assert [e.result for e in done] == [  # type: ignore[union-attr]
+        {"value": 110, "options": {"colors": 2}},
+        {"value": 120, "options": {}},
+        {"value": 130, "options": {}},
+    ]
+    first = done[0]
+    assert isinstance(first, JobDone)
+    assert first.image == {"width": 11, "height": 10, "format": "PNG"}
+    assert set(first.timings_ms) == {"decode", "inference"}
+    assert all(v >= 0 for v in first.timings_ms.values())
+    assert analyzer.predict_calls == [3]  # one call for the whole batch
+
+
+def test_an_empty_batch_yields_nothing() -> None:
+    assert run(FakeAnalyzer()) == []
+
+
+def test_a_batch_whose_predict_raises_is_retried_one_by_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    analyzer = FakeAnalyzer(poison=12)
+    with caplog.at_level(logging.ERROR, logger="pixelstream.worker"):
+        events = run(analyzer, job(1, 11), job(2, 12), job(3, 13))
+    assert analyzer.predict_calls == [3, 1, 1, 1]
+    result = outcomes(events)
+    assert isinstance(result[1], JobDone)
+    assert result[1].result["value"] == 110
+    assert isinstance(result[3], JobDone)
+    assert result[3].result["value"] == 130
+    assert_clean(result[2], ErrorCode.INTERNAL)
+    assert "CUDA error" in caplog.text  # the details go to the log, not to the client
+
+
+@pytest.mark.parametrize("extra", [-1, 1], ids=["too-few", "too-many"])
+def test_predict_returning_the_wrong_number_of_outputs(extra: int) -> None:
+    class Miscounting(FakeAnalyzer):
+        def predict(self, batch: Sequence[Any]) -> list[Any]:
+            outputs = super().predict(batch)
+            # Right when called one item at a time, wrong for a real batch.
+            return outputs if len(batch) == 1 else outputs[: len(batch) + extra] + [0] * extra
+
+    analyzer = Miscounting()
+    events = run(analyzer, job(1, 11), job(2, 12))
+    assert analyzer.predict_calls == [2, 1, 1]
+    result = outcomes(events)
+    assert [r.result["value"] for r in result.values()] == [110, 120]  # type: ignore[union-attr]
+
+
+def test_predict_that_never_answers_one_output_per_item_fails_the_jobs() -> None:
+    analyzer = FakeAnalyzer(extra=1)  # always one output too many: which one is whose?
+    events = run(analyzer, job(1, 11), job(2, 12))
+    assert analyzer.predict_calls == [2, 1, 1]
+    result = outcomes(events)
+    assert_clean(result[1], ErrorCode.INTERNAL)
+    assert_clean(result[2], ErrorCode.INTERNAL)
+
+
+def test_a_single_job_whose_predict_raises_fails_internal() -> None:
+    analyzer = FakeAnalyzer(poison=11)
+    result = outcomes(run(analyzer, job(1, 11)))
+    assert_clean(result[1], ErrorCode.INTERNAL)
+
+
+def test_encode_failing_for_one_item_fails_only_that_job() -> None:
+    analyzer = FakeAnalyzer(bad_encode=120)
+    events = run(analyzer, job(1, 11), job(2, 12), job(3, 13))
+    assert analyzer.predict_calls == [3]  # no retry: predict was fine
+    result = outcomes(events)
+    assert isinstance(result[1], JobDone)
+    assert isinstance(result[3], JobDone)
+    assert_clean(result[2], ErrorCode.INTERNAL)
+
+
+def test_an_unknown_task_fails_that_job_before_decoding() -> None:
+    analyzer = FakeAnalyzer()
+    events = run(analyzer, job(1, 11), job(2, 12, task="nope"), job(3, 13))
+    result = outcomes(events)
+    assert_clean(result[2], ErrorCode.UNKNOWN_TASK)
+    assert isinstance(result[1], JobDone)
+    assert isinstance(result[3], JobDone)
+    staged = [i for e in events if isinstance(e, StageReached) for i in e.job_ids]
+    assert 2 not in staged
+    assert StageReached([1, 3], Stage.INFERENCE) in events
+
+
+def test_a_missing_spool_file_fails_that_job(tmp_path: Path) -> None:
+    gone = tmp_path / "released-spool-file"
+    missing = Job(2, "fake", {}, ImageRef(size=100, path=str(gone)), MAX_PIXELS)
+    events = run(FakeAnalyzer(), job(1, 11), missing)
+    assert StageReached([2], Stage.DECODING) in events
+    result = outcomes(events)
+    assert_clean(result[2], ErrorCode.INTERNAL)
+    assert str(tmp_path) not in result[2].message  # type: ignore[union-attr]
+    assert isinstance(result[1], JobDone)
+    assert StageReached([1], Stage.INFERENCE) in events
+
+
+def test_a_spool_file_is_read_by_path(tmp_path: Path) -> None:
+    path = tmp_path / "spooled"
+    path.write_bytes(png(17))
+    image = ImageRef(size=path.stat().st_size, path=str(path))
+    result = outcomes(run(FakeAnalyzer(), Job(1, "fake", {}, image, MAX_PIXELS)))
+    assert isinstance(result[1], JobDone)
+    assert result[1].result["value"] == 170
+
+
+def test_bad_images_fail_with_the_decoders_code() -> None:
+    garbage = Job(2, "fake", {}, ImageRef(size=5, data=b"hello"), MAX_PIXELS)
+    data = png(30)
+    huge = Job(3, "fake", {}, ImageRef(size=len(data), data=data), max_pixels=100)
+    result = outcomes(run(FakeAnalyzer(), job(1, 11), garbage, huge))
+    assert isinstance(result[1], JobDone)
+    assert_clean(result[2], ErrorCode.INVALID_IMAGE)
+    assert_clean(result[3], ErrorCode.TOO_MANY_PIXELS)
+
+
+def test_preprocess_faults_fail_that_job_internal_and_protocol_errors_keep_their_code() -> None:
+    class Picky(FakeAnalyzer):
+        def preprocess(self, image: Any, options: Mapping[str, Any]) -> Any:
+            if image.width == 13:
+                raise ProtocolError(ErrorCode.TOO_MANY_PIXELS, "too big for this model")
+            return super().preprocess(image, options)
+
+    analyzer = Picky(bad_preprocess=12)
+    result = outcomes(run(analyzer, job(1, 11), job(2, 12), job(3, 13)))
+    assert isinstance(result[1], JobDone)
+    assert_clean(result[2], ErrorCode.INTERNAL)
+    assert_clean(result[3], ErrorCode.TOO_MANY_PIXELS)
+    assert analyzer.predict_calls == [1]
+
+
+def test_no_inference_stage_when_every_job_failed_before_it() -> None:
+    analyzer = FakeAnalyzer()
+    garbage = Job(1, "fake", {}, ImageRef(size=5, data=b"hello"), MAX_PIXELS)
+    events = run(analyzer, garbage)
+    assert not any(isinstance(e, StageReached) and e.stage is Stage.INFERENCE for e in events)
+    assert analyzer.predict_calls == []
+
+
+def test_load_analyzers_builds_and_loads_one_per_spec() -> None:
+    analyzers = load_analyzers(WorkerConfig((ColorsSpec(),)).specs)
+    assert list(analyzers) == ["colors"]
+    assert analyzers["colors"].model_id == ColorsSpec().model_id

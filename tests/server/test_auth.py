@@ -1,0 +1,176 @@
+"""API tokens, where a request presents one, and the browser Origin rule (PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from starlette.datastructures import Headers, QueryParams
+
+from server.auth import TokenAuth, origin_allowed, presented_token, principal_of
+
+# TokenAuth ----------------------------------------------------------------------------------
+
+
+def test_without_tokens_nothing_is_required_and_nobody_is_a_principal() -> None:
+    for tokens in ([], ["", ""]):
+        token_auth = TokenAuth(tokens)
+        assert not token_auth.required
+        assert token_auth.principal("anything") is None
+        assert token_auth.principal(None) is None
+
+
+def test_every_configured_token_is_accepted() -> None:
+    token_auth = TokenAuth(["alpha-secret", "beta-secret"])
+    assert token_auth.required
+    assert token_auth.principal("alpha-secret") == principal_of("alpha-secret")
+    assert token_auth.principal("beta-secret") == principal_of("beta-secret")
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [None, "", "alpha", "alpha-secret ", "ALPHA-SECRET", "alpha-secretx", "beta-secret"],
+)
+def test_wrong_tokens_have_no_principal(presented: str | None) -> None:
+    assert TokenAuth(["alpha-secret"]).principal(presented) is None
+
+
+def test_principal_is_a_hash_prefix_never_the_token() -> None:
+    token = "s3cret-token-value"
+    principal = TokenAuth([token]).principal(token)
+    assert principal == "tok_" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    assert token not in principal
+    assert principal != principal_of("another-token")
+    assert principal == principal_of(token)  # stable: uploads are bound to it
+
+
+@pytest.mark.parametrize("presented", ["t0", "t2", "t4", "wrong", "x" * 200])
+def test_every_token_is_compared_in_constant_time(
+    monkeypatch: pytest.MonkeyPatch, presented: str
+) -> None:
+    """No early exit on a match, and no plain ``==``: timing must not tell which token (or
+    how much of one) matched."""
+    calls: list[tuple[bytes, bytes]] = []
+    compare = hmac.compare_digest
+
+    def counting_compare(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return compare(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting_compare)  # as server.auth calls it
+    tokens = [f"t{n}" for n in range(5)]
+    token_auth = TokenAuth(tokens)
+    token_auth.principal(presented)
+    assert len(calls) == len(tokens)
+    # Fixed-length digests are compared, so the token's length leaks nothing either.
+    assert {len(a) for a, _ in calls} == {len(b) for _, b in calls} == {32}
+
+
+# presented_token ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "expected"),
+    [
+        ({"Authorization": "Bearer abc"}, "", "abc"),
+        ({"authorization": "bearer abc"}, "", "abc"),
+        ({"Authorization": "BEARER   abc  "}, "", "abc"),
+        ({}, "token=q1", "q1"),
+        ({}, "other=1&token=q%2Bx", "q+x"),
+        ({"Authorization": "Bearer head"}, "token=query", "head"),
+        ({"Authorization": "Basic dXNlcjpwdw=="}, "token=q1", "q1"),
+        ({"Authorization": "Bearer "}, "token=q1", "q1"),
+        ({"Authorization": "Basic dXNlcjpwdw=="}, "", None),
+        ({}, "token=", None),
+        ({}, "", None),
+    ],
+)
+def test_presented_token(headers: dict[str, str], query: str, expected: str | None) -> None:
+    assert presented_token(Headers(headers), QueryParams(query)) == expected
+
+
+# origin_allowed -----------------------------------------------------------------------------
+
+
+def test_no_origin_is_a_program_and_is_not_checked() -> None:
+    assert origin_allowed(None, "example.com", [])
+    assert origin_allowed(None, None, ["https://app.example"])
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000"),
+        ("http://localhost:8000", "localhost:8000"),
+        ("http://Example.COM:8000", "example.com:8000"),
+        ("http://example.com", "example.com"),
+        ("http://example.com", "example.com:80"),
+        ("http://example.com:80", "example.com"),
+        ("https://example.com", "example.com"),
+        ("https://example.com", "example.com:443"),
+        ("http://[::1]:8000", "[::1]:8000"),
+    ],
+)
+def test_without_an_allow_list_the_servers_own_origin_is_allowed(origin: str, host: str) -> None:
+    assert origin_allowed(origin, host, [])
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        ("http://evil.example", "example.com"),
+        ("http://localhost:8000", "127.0.0.1:8000"),  # same machine, another origin
+        ("http://example.com:8001", "example.com:8000"),
+        ("http://example.com:8000", "example.com"),
+        ("https://example.com", "example.com:80"),
+        ("http://example.com.evil.example", "example.com"),
+        ("http://evil.example", None),
+        ("http://example.com", ""),
+        ("null", "example.com"),  # sandboxed iframes and file:// pages
+        ("", "example.com"),
+        ("example.com", "example.com"),
+        ("http://example.com:99999", "example.com:99999"),
+    ],
+)
+def test_without_an_allow_list_other_origins_are_refused(origin: str, host: str | None) -> None:
+    assert not origin_allowed(origin, host, [])
+
+
+ALLOWED = ["https://app.example", "http://dev.example:8080"]
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://app.example", "https://app.example:443", "https://APP.example",
+     "http://dev.example:8080"],
+)
+def test_allow_listed_origins_are_allowed(origin: str) -> None:
+    assert origin_allowed(origin, "api.example", ALLOWED)
+    assert origin_allowed(origin, "api.example", iter(ALLOWED))  # any iterable
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://app.example",  # scheme differs
+        "https://app.example:8443",  # port differs
+        "https://evil.app.example",  # a subdomain is another host
+        "https://app.example.evil.example",
+        "http://dev.example",  # port 80, not 8080
+        "https://dev.example:8080",
+        "null",
+    ],
+)
+def test_the_allow_list_matches_exactly_on_scheme_host_and_port(origin: str) -> None:
+    assert not origin_allowed(origin, "api.example", ALLOWED)
+
+
+def test_an_allow_list_replaces_the_own_origin_rule() -> None:
+    assert not origin_allowed("http://api.example", "api.example", ALLOWED)
+
+
+def test_default_ports_are_normalised_in_the_allow_list_too() -> None:
+    assert origin_allowed("https://app.example", "h", ["https://app.example:443/"])
+    assert origin_allowed("http://app.example:80", "h", ["http://app.example"])
+    assert not origin_allowed("http://app.example:443", "h", ["https://app.example"])
