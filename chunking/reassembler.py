@@ -56,6 +56,31 @@ class Replayed:
 ChunkEvent = Appended | Replayed
 
 
+def is_append(chunk: Chunk, received: int, size: int) -> bool:
+    """PROTOCOL.md's offset rule for a chunk, given ``received`` bytes held of ``size``.
+
+    True: the chunk is next and must be appended. False: it lies entirely below the offset (a
+    replay) and is ignored. Anything else raises ProtocolError(offset_mismatch) carrying
+    ``expected``. Every upload store applies this one rule.
+    """
+    end = chunk.offset + len(chunk.data)
+    if chunk.offset == received:
+        if end > size:
+            raise _mismatch(chunk.id, received, f"chunk runs past the upload's size ({size})")
+        return True
+    if end <= received:
+        return False
+    if chunk.offset < received:
+        raise _mismatch(chunk.id, received, f"chunk overlaps the bytes held; expected {received}")
+    raise _mismatch(chunk.id, received, f"chunk leaves a gap; expected offset {received}")
+
+
+def _mismatch(upload_id: str, received: int, message: str) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.OFFSET_MISMATCH, message, upload_id=upload_id or None, expected=received
+    )
+
+
 class Reassembler:
     """Reassembles one upload of ``size`` bytes, in order, into a preallocated buffer.
 
@@ -108,22 +133,15 @@ class Reassembler:
 
         A rejected chunk changes nothing: the client can rewind to ``expected``.
         """
-        length = len(chunk.data)
-        end = chunk.offset + length
-        if chunk.offset == self.received:
-            if end > self.size:
-                raise self._mismatch(f"chunk runs past the upload's size ({self.size})")
-            if length:
-                self._view[chunk.offset : end] = chunk.data
-                if self._hasher is not None:
-                    self._hasher.update(chunk.data)
-                self.received = end
-            return Appended(received=self.received, total=self.size, complete=self.complete)
-        if end <= self.received:
+        if not is_append(chunk, self.received, self.size):
             return Replayed(received=self.received, total=self.size)
-        if chunk.offset < self.received:
-            raise self._mismatch(f"chunk overlaps the bytes held; expected offset {self.received}")
-        raise self._mismatch(f"chunk leaves a gap; expected offset {self.received}")
+        end = chunk.offset + len(chunk.data)
+        if end > chunk.offset:
+            self._view[chunk.offset : end] = chunk.data
+            if self._hasher is not None:
+                self._hasher.update(chunk.data)
+            self.received = end
+        return Appended(received=self.received, total=self.size, complete=self.complete)
 
     def finish(self) -> str:
         """Return the SHA-256 (hex) of the complete upload, checking it against the declared one.
@@ -146,11 +164,6 @@ class Reassembler:
     def release(self) -> None:
         """Drop this object's view of the buffer, so a memory map under it can be closed."""
         self._view.release()
-
-    def _mismatch(self, message: str) -> ProtocolError:
-        return ProtocolError(
-            ErrorCode.OFFSET_MISMATCH, message, upload_id=self.upload_id, expected=self.received
-        )
 
 
 # Life cycle ---------------------------------------------------------------------------------

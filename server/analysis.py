@@ -22,9 +22,8 @@ from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.metrics import Metrics
 from server.pipeline.analyzers.base import OptionsError, TaskSpec
-from server.pipeline.jobs import Dispatched, JobDone, JobFailed, Queued, StageReached
-from server.pipeline.pool import WorkerPool
-from server.storage.base import ImageRef, ResultCache
+from server.pipeline.jobs import Dispatched, JobDone, JobFailed, Queued, StageReached, Ticket
+from server.storage.base import ImageRef, JobQueue, ResultCache
 
 StageCallback = Callable[[Stage, int | None], None]
 """Called with each stage reached (and the queue position for ``queued``)."""
@@ -35,7 +34,7 @@ class AnalysisService:
         self,
         specs: Mapping[str, TaskSpec],
         default_task: str,
-        pool: WorkerPool,
+        pool: JobQueue,
         cache: ResultCache,
         metrics: Metrics,
         max_pixels: int,
@@ -98,12 +97,25 @@ class AnalysisService:
         image: ImageRef,
         key: str | None,
         on_stage: StageCallback | None = None,
+        *,
+        job_id: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Queue the image, report its stages, and return (payload, timings_ms).
 
         Cancelling the awaiting task withdraws the job. Raises ProtocolError on failure.
         """
-        ticket = self.pool.submit(spec.task, options, image, self.max_pixels)
+        ticket = self.pool.submit(spec.task, options, image, self.max_pixels, job_id=job_id)
+        return await self._outcome(ticket, spec, key, on_stage)
+
+    async def follow(
+        self, spec: TaskSpec, job_id: str, on_stage: StageCallback | None = None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Like :meth:`run`, for a job another gateway queued (its client moved here)."""
+        return await self._outcome(self.pool.attach(job_id), spec, None, on_stage)
+
+    async def _outcome(
+        self, ticket: Ticket, spec: TaskSpec, key: str | None, on_stage: StageCallback | None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         timings: dict[str, float] = {}
         try:
             async for event in ticket:
@@ -127,9 +139,16 @@ class AnalysisService:
                         await self.cache.set(key, payload)
                     return payload, timings
                 elif isinstance(event, JobFailed):
-                    # PROTOCOL.md: ``busy`` always tells the client when to come back.
-                    retry = self.pool.retry_after_ms() if event.code is ErrorCode.BUSY else None
-                    raise ProtocolError(event.code, event.message, retry_after_ms=retry)
+                    retry_after_ms = (
+                        self.pool.retry_after_ms() if event.code is ErrorCode.BUSY else None
+                    )
+                    raise ProtocolError(event.code, event.message, retry_after_ms=retry_after_ms)
         finally:
             ticket.cancel()
         raise ProtocolError(ErrorCode.INTERNAL, "the job ended without an outcome")
+
+
+def upload_job_id(token: str) -> str:
+    """The job id of an upload's analysis: derived from its resume token, so any gateway the
+    client resumes on can follow the job, without the token itself appearing in job data."""
+    return "u-" + hashlib.sha256(token.encode()).hexdigest()[:32]

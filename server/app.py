@@ -20,18 +20,28 @@ from fastapi import FastAPI
 from server import http_api, ws
 from server.analysis import AnalysisService
 from server.auth import TokenAuth
-from server.limits import KeyedBuckets
+from server.limits import ClientLimits, KeyedBuckets
 from server.metrics import Metrics
 from server.pipeline.analyzers.base import TaskSpec
 from server.pipeline.analyzers.classify import ClassifySpec
 from server.pipeline.analyzers.colors import ColorsSpec
 from server.pipeline.pool import WorkerPool
+from server.pipeline.redis_queue import RedisJobQueue
 from server.pipeline.spool import Spool
+from server.pipeline.stream_worker import LocalStreamWorkers, StreamWorkerConfig
 from server.pipeline.worker import WorkerConfig
 from server.session import expire_idle_uploads
 from server.settings import Settings
 from server.state import AppState
-from server.storage.memory import LruResultCache, MemoryUploadStore
+from server.storage.base import JobQueue, RateLimiter, ResultCache, UploadStore
+from server.storage.memory import LruResultCache, MemoryRateLimiter, MemoryUploadStore
+from server.storage.redis import (
+    RedisRateLimiter,
+    RedisResultCache,
+    RedisUploadStore,
+    TieredResultCache,
+)
+from server.storage.redis import connect as connect_redis
 
 log = logging.getLogger("pixelstream")
 
@@ -55,6 +65,14 @@ def torch_threads(settings: Settings) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // settings.workers)
 
 
+def _prepare_models_sync(specs: Sequence[TaskSpec]) -> None:
+    """Build the bundled model's folder if a task uses it (before workers start)."""
+    if any(isinstance(spec, ClassifySpec) and spec.model is None for spec in specs):
+        from server.pipeline.model_store import prepare_default_model
+
+        log.info("default model ready in %s", prepare_default_model())
+
+
 async def _prepare_models(specs: Sequence[TaskSpec]) -> None:
     """Build the bundled model's folder once, before the workers start, rather than racing
     in every worker. It runs in a short-lived process: building imports torch, which the
@@ -67,6 +85,52 @@ async def _prepare_models(specs: Sequence[TaskSpec]) -> None:
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as executor:
         path = await asyncio.get_running_loop().run_in_executor(executor, prepare_default_model)
     log.info("default model ready in %s", path)
+
+
+Backends = tuple[UploadStore, ResultCache, JobQueue, RateLimiter]
+
+
+def _embedded_backends(settings: Settings, specs: tuple[TaskSpec, ...], metrics: Metrics,
+                       stack: contextlib.AsyncExitStack) -> Backends:
+    """Everything in this process: spool files, an LRU cache, worker processes."""
+    spool = Spool(settings.spool_dir, min_free_bytes=4 * settings.max_image_bytes)
+    stack.callback(spool.close)
+    store = MemoryUploadStore(spool)
+    stack.push_async_callback(store.close)
+    pool = WorkerPool(
+        WorkerConfig(specs=specs, torch_threads=torch_threads(settings)),
+        workers=settings.workers,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+    )
+    return store, LruResultCache(settings.cache_entries), pool, MemoryRateLimiter()
+
+
+async def _shared_backends(settings: Settings, specs: tuple[TaskSpec, ...], metrics: Metrics,
+                           stack: contextlib.AsyncExitStack) -> Backends:
+    """Redis for uploads, results, jobs and budgets: gateways and workers on many machines."""
+    assert settings.redis_url is not None
+    redis = connect_redis(settings.redis_url)
+    stack.push_async_callback(redis.aclose)
+    store = RedisUploadStore(redis, idle_s=settings.upload_idle_timeout_s)
+    cache = TieredResultCache(LruResultCache(settings.cache_entries),
+                              RedisResultCache(redis, ttl_s=settings.result_ttl_s))
+    queue = RedisJobQueue(redis, max_queue=settings.max_queue, metrics=metrics)
+    workers = LocalStreamWorkers(stream_worker_config(settings, specs), settings.workers)
+    await workers.start()
+    stack.push_async_callback(workers.stop)
+    return store, cache, queue, RedisRateLimiter(redis)
+
+
+def stream_worker_config(settings: Settings, specs: tuple[TaskSpec, ...]) -> StreamWorkerConfig:
+    assert settings.redis_url is not None
+    return StreamWorkerConfig(
+        redis_url=settings.redis_url, specs=specs, torch_threads=torch_threads(settings),
+        max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+        claim_idle_ms=settings.claim_idle_ms,
+    )
 
 
 async def _sweep(state: AppState) -> None:
@@ -93,42 +157,40 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        limits = settings.limits
         await _prepare_models(specs)
-        spool = Spool(settings.spool_dir, min_free_bytes=4 * limits.max_image_bytes)
-        store = MemoryUploadStore(spool)
-        cache = LruResultCache(settings.cache_entries)
-        pool = WorkerPool(
-            WorkerConfig(specs=specs, torch_threads=torch_threads(settings)),
-            workers=settings.workers,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue=settings.max_queue,
-            metrics=metrics,
-        )
-        service = AnalysisService(
-            {spec.task: spec for spec in specs}, specs[0].task, pool, cache, metrics,
-            max_pixels=limits.max_pixels,
-        )
-        state = AppState(
-            settings=settings, limits=limits, metrics=metrics, spool=spool, store=store,
-            service=service,
-            http_buckets=KeyedBuckets(HTTP_REQUESTS_PER_SECOND, HTTP_BURST),
-        )
-        app.state.pixelstream = state
-        await pool.start()
-        sweeper = asyncio.create_task(_sweep(state), name="expire-idle-uploads")
-        try:
-            yield
-        finally:
-            sweeper.cancel()
-            for task in list(state.background):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(sweeper, *state.background, return_exceptions=True)
-            await pool.stop()
-            await store.close()
-            spool.close()
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.redis_url:
+                backends = await _shared_backends(settings, specs, metrics, stack)
+            else:
+                backends = _embedded_backends(settings, specs, metrics, stack)
+            store, cache, queue, limiter = backends
+            service = AnalysisService(
+                {spec.task: spec for spec in specs}, specs[0].task, queue, cache, metrics,
+                max_pixels=settings.max_pixels,
+            )
+            state = AppState(
+                settings=settings, limits=settings.limits, metrics=metrics, store=store,
+                service=service,
+                http_buckets=KeyedBuckets(HTTP_REQUESTS_PER_SECOND, HTTP_BURST),
+                client_limits=ClientLimits(
+                    limiter,
+                    max_connections=settings.max_connections_per_client,
+                    uploads_per_minute=settings.uploads_per_minute,
+                    bytes_per_minute=settings.bytes_per_minute,
+                ),
+            )
+            app.state.pixelstream = state
+            await queue.start()
+            stack.push_async_callback(queue.stop)
+            sweeper = asyncio.create_task(_sweep(state), name="expire-idle-uploads")
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                for task in list(state.background):
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(sweeper, *state.background, return_exceptions=True)
 
     app = FastAPI(
         title="pixelstream",
@@ -139,4 +201,12 @@ def create_app(
     app.state.settings = settings
     app.include_router(ws.router)
     app.include_router(http_api.router)
+    # The demo page's assets; static/client links to client_js/src, so the page loads the
+    # very files of the browser library (symlinks inside the folder are followed).
+    from pathlib import Path
+
+    from starlette.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=Path(__file__).with_name("static"),
+                                     follow_symlink=True), name="static")
     return app

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the service")
     _settings_flags(serve)
+    worker = commands.add_parser(
+        "worker", help="run inference workers for gateways that share a Redis (--redis-url)"
+    )
+    _settings_flags(worker)
     model = commands.add_parser("model", help="manage the bundled model")
     model_commands = model.add_subparsers(dest="model_command", required=True)
     prepare = model_commands.add_parser("prepare", help="build the default model folder")
@@ -62,6 +66,8 @@ def uvicorn_config(settings: Settings) -> dict[str, Any]:
         "ws_per_message_deflate": False,
         "ws_max_size": settings.limits.max_message_bytes,
         "log_level": settings.log_level,
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
         "lifespan": "on",
         "timeout_graceful_shutdown": 10,
     }
@@ -79,6 +85,25 @@ def serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(create_app(settings), **uvicorn_config(settings))
     return 0
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    """``pixelstream worker``: stream workers on this machine, for gateways anywhere."""
+    from server.app import _prepare_models_sync, default_specs, stream_worker_config
+    from server.pipeline.stream_worker import supervise
+
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    settings = Settings.from_env(**overrides)
+    if not settings.redis_url:
+        print("error: pixelstream worker needs --redis-url (or PIXELSTREAM_REDIS_URL)",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    specs = default_specs(settings)
+    _prepare_models_sync(specs)
+    return supervise(stream_worker_config(settings, specs), max(1, settings.workers))
 
 
 def prepare_model(args: argparse.Namespace) -> int:
@@ -100,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.command == "model":
             return prepare_model(args)
+        if args.command == "worker":
+            return run_workers(args)
     except ValueError as exc:  # a setting that does not parse or fit
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from importlib import resources
 from typing import Any, BinaryIO
@@ -18,15 +17,12 @@ from chunking.errors import ErrorCode, ProtocolError
 from server.auth import TokenAuth, presented_token
 from server.errors import error_response
 from server.pipeline.analyzers.base import TaskSpec
-from server.pipeline.spool import SpoolFile
 from server.state import AppState
 from server.storage.base import ImageRef
 
 router = APIRouter()
 log = logging.getLogger("pixelstream.http")
 
-_THREAD_THRESHOLD = 1 << 20
-"""Hash and copy images larger than this off the event loop."""
 _FORM_OVERHEAD = 1 << 20
 """Room for multipart boundaries and the small form fields."""
 
@@ -36,17 +32,18 @@ def _state(request: Request) -> AppState:
     return state
 
 
-def _guard(request: Request, app: AppState) -> None:
+async def _guard(request: Request, app: AppState) -> None:
     """Token (when configured), per-client rate limit and capacity, before the body is read."""
     auth: TokenAuth = request.app.state.auth
     token = presented_token(request.headers, request.query_params)
     if auth.required and auth.principal(token) is None:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "a valid API token is required")
-    client = request.client.host if request.client else "unknown"
-    wait_ms = app.http_buckets.take(client)
+    address = request.client.host if request.client else "unknown"
+    wait_ms = app.http_buckets.take(address)
     if wait_ms:
         raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests", retry_after_ms=wait_ms)
     app.service.check_capacity()
+    await app.client_limits.upload_started(auth.principal(token) or address)
 
 
 def _declared_length(request: Request, limit: int) -> None:
@@ -92,44 +89,15 @@ async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: TaskSpec,
     return JSONResponse({**payload, "cached": cached, "timings_ms": timings})
 
 
-def _spool_copy(app: AppState, source: BinaryIO | bytes, size: int) -> tuple[SpoolFile, str]:
-    """Copy an image into a spool file (workers read it there), hashing it on the way."""
-    spool_file = app.spool.allocate(size)
-    assert spool_file.buffer is not None
-    hasher = hashlib.sha256()
+async def _stage_and_analyze(app: AppState, source: BinaryIO | bytes, size: int,
+                             spec: TaskSpec, options: dict[str, Any]) -> JSONResponse:
+    """Put the image where workers read it (hashing it on the way), analyse, free it."""
+    store = app.store
+    staged = await store.stage_image(source, size)
     try:
-        if isinstance(source, bytes):
-            spool_file.buffer[:] = source
-            hasher.update(source)
-        else:
-            view = memoryview(spool_file.buffer)
-            try:
-                offset = 0
-                while offset < size:
-                    read = source.readinto(view[offset : offset + (1 << 20)])  # type: ignore[attr-defined]
-                    if not read:
-                        raise ProtocolError(ErrorCode.INVALID_IMAGE, "the file ended early")
-                    hasher.update(view[offset : offset + read])
-                    offset += read
-            finally:
-                view.release()
-    except BaseException:
-        spool_file.close()
-        raise
-    return spool_file, hasher.hexdigest()
-
-
-async def _spool_and_analyze(app: AppState, source: BinaryIO | bytes, size: int, spec: TaskSpec,
-                             options: dict[str, Any]) -> JSONResponse:
-    if size > _THREAD_THRESHOLD:
-        spool_file, sha256 = await asyncio.to_thread(_spool_copy, app, source, size)
-    else:
-        spool_file, sha256 = _spool_copy(app, source, size)
-    try:
-        image = ImageRef(size=size, path=str(spool_file.path))
-        return await _analyze(app, image, sha256, spec, options)
+        return await _analyze(app, staged.image, staged.sha256, spec, options)
     finally:
-        spool_file.close()
+        await store.release(staged.image)
 
 
 async def _answer(request: Request, handler: Any) -> Response:
@@ -154,7 +122,7 @@ async def analyze_json(request: Request) -> Response:
     """``{"image": "<base64>", "task": ..., "options": {...}}`` → the result object."""
 
     async def handle(app: AppState) -> Response:
-        _guard(request, app)
+        await _guard(request, app)
         max_chars = -(-app.limits.max_image_bytes // 3) * 4
         body = await _read_body(request, max_chars + 65536)
         try:
@@ -182,7 +150,7 @@ async def analyze_json(request: Request) -> Response:
             raise ProtocolError(ErrorCode.INVALID_IMAGE, "the image is empty")
         if len(data) > app.limits.max_image_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
-        return await _spool_and_analyze(app, data, len(data), spec, options)
+        return await _stage_and_analyze(app, data, len(data), spec, options)
 
     return await _answer(request, handle)
 
@@ -192,7 +160,7 @@ async def analyze_multipart(request: Request) -> Response:
     """Multipart form: ``file`` (the image), optional ``task`` and ``options`` (JSON)."""
 
     async def handle(app: AppState) -> Response:
-        _guard(request, app)
+        await _guard(request, app)
         _declared_length(request, app.limits.max_image_bytes + _FORM_OVERHEAD)
         try:
             form = await request.form(max_files=1, max_fields=8)
@@ -219,7 +187,7 @@ async def analyze_multipart(request: Request) -> Response:
             if size > app.limits.max_image_bytes:
                 raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
             await upload.seek(0)
-            return await _spool_and_analyze(app, upload.file, size, spec, options)
+            return await _stage_and_analyze(app, upload.file, size, spec, options)
         finally:
             await form.close()
 
@@ -237,15 +205,18 @@ async def readyz(request: Request) -> JSONResponse:
     app = _state(request)
     pool = app.service.pool
     try:
-        cache_ok = await asyncio.wait_for(app.service.cache.ping(), timeout=2)
+        cache_ok, store_ok = await asyncio.wait_for(
+            asyncio.gather(app.service.cache.ping(), app.store.ping()), timeout=2
+        )
     except Exception:
-        cache_ok = False
-    ready = pool.ready and cache_ok and pool.startup_error is None
+        cache_ok = store_ok = False
+    ready = pool.ready and cache_ok and store_ok and pool.startup_error is None
     body = {
         "ready": ready,
         "workers_ready": pool.workers_ready,
         "queue_depth": pool.depth,
         "cache": cache_ok,
+        "store": store_ok,
         "models": {task: spec.model_id for task, spec in app.service.specs.items()},
     }
     if pool.startup_error is not None:

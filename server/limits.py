@@ -7,6 +7,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from chunking.errors import ErrorCode, ProtocolError
+from server.storage.base import RateLimiter
+
 _SLACK = 1e-6
 """Tokens of float rounding slack, so that a client that waits exactly the announced
 retry-after is not refused again by a rounding error (0.7 + 0.3 < 1.0 in floats)."""
@@ -57,3 +60,43 @@ class KeyedBuckets:
         else:
             self._buckets.move_to_end(key)
         return bucket.take(cost)
+
+
+class ClientLimits:
+    """Per-client budgets (a token's principal, else the client's address), shared by every
+    gateway that shares the rate-limit backend. A limit of 0 is no limit."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, limiter: RateLimiter, *, max_connections: int, uploads_per_minute: int,
+                 bytes_per_minute: int) -> None:
+        self.limiter = limiter
+        self.max_connections = max_connections
+        self.uploads_per_minute = uploads_per_minute
+        self.bytes_per_minute = bytes_per_minute
+
+    async def connect(self, client: str) -> bool:
+        """Take a connection place; False when the client has all of its places."""
+        if not self.max_connections:
+            return True
+        return await self.limiter.enter(f"conn:{client}", self.max_connections)
+
+    async def disconnect(self, client: str) -> None:
+        if self.max_connections:
+            await self.limiter.leave(f"conn:{client}")
+
+    async def upload_started(self, client: str) -> None:
+        await self._spend(f"uploads:{client}", 1, self.uploads_per_minute, "uploads")
+
+    async def bytes_received(self, client: str, amount: int) -> None:
+        await self._spend(f"bytes:{client}", amount, self.bytes_per_minute, "bytes")
+
+    async def _spend(self, key: str, amount: int, limit: int, what: str) -> None:
+        if not limit:
+            return
+        wait_ms = await self.limiter.spend(key, amount, limit, self.WINDOW_S)
+        if wait_ms:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED, f"over this client's budget of {limit} {what} per minute",
+                retry_after_ms=wait_ms,
+            )

@@ -45,6 +45,7 @@ from chunking.messages import (
     Welcome,
 )
 from chunking.reassembler import Appended, Lifecycle, UploadEvent, UploadState
+from server.analysis import upload_job_id
 from server.limits import TokenBucket
 from server.pipeline.analyzers.base import TaskSpec
 from server.state import AppState
@@ -110,6 +111,8 @@ class LiveUpload:
     undelivered: Result | Error | None = None
     """The outcome, when it came while no socket owned the upload."""
     analysis: asyncio.Task[None] | None = None
+    store_owner: str = ""
+    """The session key that owns the upload in the store (what ``discard`` must name)."""
 
 
 @dataclass(eq=False)
@@ -120,10 +123,13 @@ class _Stream:
 
 
 class Session:
-    def __init__(self, app: AppState, outbox: Outbox, principal: str | None = None) -> None:
+    def __init__(self, app: AppState, outbox: Outbox, principal: str | None = None,
+                 client: str = "unknown") -> None:
         self.app = app
         self.outbox = outbox
         self.principal = principal
+        self.client = principal or client
+        """Whose budgets this socket spends: the token's principal, else the address."""
         self.key = secrets.token_hex(12)
         self.uploads: dict[str, LiveUpload] = {}
         self.streams: dict[str, _Stream] = {}
@@ -238,6 +244,7 @@ class Session:
         service = self.app.service
         spec, options = service.resolve(message.task, message.options)
         service.check_capacity()
+        await self.app.client_limits.upload_started(self.client)
         meta = UploadMeta(
             upload_id=message.id, size=message.size, task=spec.task, options=options,
             sha256=message.sha256, name=message.name, principal=self.principal,
@@ -252,26 +259,39 @@ class Session:
                 return
         handle = await self.app.store.create(meta, self.key)
         live = LiveUpload(token=handle.token, meta=meta, accepted_at=time.monotonic(),
-                          handle=handle)
+                          handle=handle, store_owner=self.key)
         self.app.live[live.token] = live
         self._adopt(live, message.id)
         self.app.metrics.uploads.labels("accepted").inc()
         self.send(Accepted(id=message.id, offset=0, resume=live.token))
 
     async def _resume(self, message: Upload, token: str) -> None:
+        def check(handle: UploadHandle) -> None:
+            if handle.meta.principal != self.principal:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_UPLOAD, "the resume token names no live upload"
+                )
+            if message.size != handle.meta.size or message.sha256 != handle.meta.sha256:
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE, "size and sha256 must match the upload being resumed"
+                )
+            if not handle.complete:
+                self._check_can_receive()
+
+        handle = await self.app.store.claim(token, self.key, check)
         live = self.app.live.get(token)
-        if live is None or live.meta.principal != self.principal:
-            raise ProtocolError(ErrorCode.UNKNOWN_UPLOAD, "the resume token names no live upload")
-        if message.size != live.meta.size or message.sha256 != live.meta.sha256:
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, "size and sha256 must match the upload being resumed"
-            )
-        receiving = live.lifecycle.state is UploadState.RECEIVING
-        if receiving:
-            self._check_can_receive()
-            live.handle = await self.app.store.claim(token, self.key)
+        if live is None:
+            # Begun on another gateway that shares the store.
+            live = LiveUpload(token=token, meta=handle.meta, accepted_at=time.monotonic())
+            self.app.live[token] = live
+            if handle.complete:
+                live.lifecycle = Lifecycle(UploadState.COMPLETE)
+                live.analysis = self.app.spawn(follow_upload(self.app, live), "follow-upload")
+        live.store_owner = self.key
+        if not handle.complete:
+            live.handle = handle
         self._adopt(live, message.id)
-        held = live.handle.received if receiving and live.handle is not None else live.meta.size
+        held = live.meta.size if handle.complete else handle.received
         self.send(Accepted(id=message.id, offset=held, resume=token))
         if live.undelivered is not None:
             deliver_outcome(self.app, live, live.undelivered)
@@ -300,6 +320,8 @@ class Session:
                 )
             self.send(Progress(id=chunk.id, stage=Stage.UPLOAD, received=size, total=size))
             return
+        if chunk.offset == live.handle.received and chunk.data:
+            await self.app.client_limits.bytes_received(self.client, len(chunk.data))
         try:
             event = await self.app.store.write(live.handle, self.key, chunk)
         except ProtocolError as exc:
@@ -326,7 +348,7 @@ class Session:
             raise
         live.lifecycle.advance(UploadEvent.LAST_BYTE)
         live.analysis = self.app.spawn(
-            analyze_upload(self.app, live, finished, round(upload_ms, 3)), name="analyze-upload"
+            analyze_upload(self.app, live, finished, round(upload_ms, 3)), "analyze-upload"
         )
 
     async def _on_cancel(self, message: Cancel) -> None:
@@ -335,9 +357,7 @@ class Session:
             raise ProtocolError(ErrorCode.UNKNOWN_UPLOAD, f"no live upload {message.id!r}")
         live.lifecycle.advance(UploadEvent.CANCEL)
         self._forget(live)
-        if live.handle is not None:
-            await self.app.store.discard(live.token)
-            live.handle = None
+        live.handle = None
         if live.analysis is not None:
             live.analysis.cancel()
         self.app.metrics.uploads.labels("cancelled").inc()
@@ -423,6 +443,7 @@ def forget(app: AppState, live: LiveUpload) -> None:
     """The upload is no longer live: its token and id name nothing from now on."""
     if app.live.get(live.token) is live:
         del app.live[live.token]
+        app.spawn(app.store.discard(live.token, live.store_owner), "discard-upload")
     session = live.session
     if session is not None and session.uploads.get(live.upload_id) is live:
         del session.uploads[live.upload_id]
@@ -450,18 +471,9 @@ def deliver_outcome(app: AppState, live: LiveUpload, message: Result | Error) ->
 async def analyze_upload(
     app: AppState, live: LiveUpload, finished: FinishedUpload, upload_ms: float
 ) -> None:
+    """From the last byte to the outcome: the cache, else a job in the queue."""
     service = app.service
     meta = live.meta
-
-    def on_stage(stage: Stage, position: int | None) -> None:
-        queue_moved = stage is Stage.QUEUED and live.lifecycle.state is UploadState.QUEUED
-        if not queue_moved:
-            event = _STAGE_EVENTS[stage]
-            if not live.lifecycle.allows(event):
-                return
-            live.lifecycle.advance(event)
-        deliver(app, live, Progress(id=live.upload_id, stage=stage, position=position))
-
     try:
         spec = service.specs[meta.task]
         key = service.cache_key(finished.sha256, spec, meta.options)
@@ -469,33 +481,68 @@ async def analyze_upload(
         cached = payload is not None
         timings = {"upload": upload_ms}
         if payload is None:
-            payload, job_timings = await service.run(spec, meta.options, finished.image, key,
-                                                     on_stage)
+            payload, job_timings = await service.run(
+                spec, meta.options, finished.image, key, _stage_reporter(app, live),
+                job_id=upload_job_id(live.token),
+            )
             timings.update(job_timings)
-        app.metrics.observe_timings(timings)
-        if live.lifecycle.allows(UploadEvent.RESULT):
-            live.lifecycle.advance(UploadEvent.RESULT)
-            app.metrics.uploads.labels("cached" if cached else "completed").inc()
-            deliver_outcome(app, live, Result(**payload, cached=cached, timings_ms=timings,
-                                              id=live.upload_id))
-    except ProtocolError as exc:
-        if live.lifecycle.allows(UploadEvent.FAIL):
-            live.lifecycle.advance(UploadEvent.FAIL)
-            app.metrics.uploads.labels("failed").inc()
-            exc.upload_id = live.upload_id
-            deliver_outcome(app, live, error_from_exception(exc))
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        reference = secrets.token_hex(4)
-        log.exception("analysis of upload %s failed (ref %s)", meta.upload_id, reference)
-        if live.lifecycle.allows(UploadEvent.FAIL):
-            live.lifecycle.advance(UploadEvent.FAIL)
-            fault = ProtocolError(ErrorCode.INTERNAL, f"unexpected server fault (ref {reference})",
-                                  upload_id=live.upload_id)
-            deliver_outcome(app, live, error_from_exception(fault))
+        _deliver_result(app, live, payload, cached, timings)
+    except Exception as exc:
+        _deliver_failure(app, live, exc)
     finally:
         await app.store.release(finished.image)
+
+
+async def follow_upload(app: AppState, live: LiveUpload) -> None:
+    """An upload whose last byte arrived on another gateway: follow its job from here."""
+    try:
+        spec = app.service.specs.get(live.meta.task)
+        if spec is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TASK, f"this server lacks {live.meta.task!r}")
+        payload, timings = await app.service.follow(
+            spec, upload_job_id(live.token), _stage_reporter(app, live)
+        )
+        _deliver_result(app, live, payload, False, timings)
+    except Exception as exc:
+        _deliver_failure(app, live, exc)
+
+
+def _stage_reporter(app: AppState, live: LiveUpload) -> Callable[[Stage, int | None], None]:
+    def on_stage(stage: Stage, position: int | None) -> None:
+        queue_moved = stage is Stage.QUEUED and live.lifecycle.state is UploadState.QUEUED
+        if not queue_moved:
+            event = _STAGE_EVENTS[stage]
+            if not live.lifecycle.allows(event):
+                return  # never reordered: a stage from a retried job is not news
+            live.lifecycle.advance(event)
+        deliver(app, live, Progress(id=live.upload_id, stage=stage, position=position))
+
+    return on_stage
+
+
+def _deliver_result(app: AppState, live: LiveUpload, payload: dict[str, Any], cached: bool,
+                    timings: dict[str, float]) -> None:
+    app.metrics.observe_timings(timings)
+    if live.lifecycle.allows(UploadEvent.RESULT):
+        live.lifecycle.advance(UploadEvent.RESULT)
+        app.metrics.uploads.labels("cached" if cached else "completed").inc()
+        deliver_outcome(app, live, Result(**payload, cached=cached, timings_ms=timings,
+                                          id=live.upload_id))
+
+
+def _deliver_failure(app: AppState, live: LiveUpload, exc: Exception) -> None:
+    """Called from an ``except`` block: cancellation propagates, faults become ``internal``."""
+    if isinstance(exc, ProtocolError):
+        error = exc
+    else:
+        reference = secrets.token_hex(4)
+        log.exception("analysis of upload %s failed (ref %s)", live.meta.upload_id, reference)
+        error = ProtocolError(ErrorCode.INTERNAL, f"unexpected server fault (ref {reference})")
+    if live.lifecycle.allows(UploadEvent.FAIL):
+        live.lifecycle.advance(UploadEvent.FAIL)
+        app.metrics.uploads.labels("failed").inc()
+        error.upload_id = live.upload_id
+        deliver_outcome(app, live, error_from_exception(error))
 
 
 async def expire_idle_uploads(app: AppState) -> int:

@@ -61,13 +61,36 @@ class Settings:
     message_burst: int = 2000
     """Per-socket token bucket over every inbound message, bad ones included."""
 
+    max_connections_per_client: int = 64
+    uploads_per_minute: int = 1200
+    bytes_per_minute: int = 0
+    """Per-client budgets (a token, else an address), shared across replicas; 0: no limit."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies whose X-Forwarded-For names the client (uvicorn's setting; "*" trusts all)."""
+
+    # Scale-out (see README: Redis).
+    redis_url: str | None = None
+    """Redis for shared uploads, results, jobs and rate limits; None: everything in-process."""
+    result_ttl_s: float = 86400.0
+    """How long results stay in the shared (Redis) cache."""
+    claim_idle_ms: int = 15000
+    """A job held this long by a silent worker is taken over by another (Redis queue)."""
+
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         self.limits  # noqa: B018 -- validates the limit fields early
-        for name in ("workers", "max_batch_size", "max_queue", "message_burst"):
+        for name in ("max_batch_size", "max_queue", "message_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("workers", "max_connections_per_client", "uploads_per_minute",
+                     "bytes_per_minute", "claim_idle_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.workers < 1 and self.redis_url is None:
+            raise ValueError("workers must be at least 1 without redis_url: nothing would run jobs")
+        if not self.result_ttl_s > 0:
+            raise ValueError("result_ttl_s must be positive")
         if not (self.max_wait_ms >= 0 and self.messages_per_second > 0):  # NaN fails too
             raise ValueError("max_wait_ms must be >= 0 and messages_per_second > 0")
 

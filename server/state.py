@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 
 from chunking.limits import Limits
 from server.analysis import AnalysisService
-from server.limits import KeyedBuckets
+from server.limits import ClientLimits, KeyedBuckets
 from server.metrics import Metrics
-from server.pipeline.spool import Spool
 from server.settings import Settings
 from server.storage.base import UploadStore
 
@@ -23,10 +22,10 @@ class AppState:
     settings: Settings
     limits: Limits
     metrics: Metrics
-    spool: Spool
     store: UploadStore
     service: AnalysisService
     http_buckets: KeyedBuckets
+    client_limits: ClientLimits
     live: dict[str, LiveUpload] = field(default_factory=dict)
     """Uploads of this process from ``accepted`` until their outcome is delivered, by token."""
     background: set[asyncio.Task[None]] = field(default_factory=set)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
-from chunking.errors import ErrorCode
+from chunking.errors import ErrorCode, ProtocolError
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS
 from server.session import Outbox, Session
@@ -45,9 +45,26 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if principal is None:
             await _refuse(websocket, ErrorCode.UNAUTHORIZED, "a valid API token is required")
             return
+    client = principal or (websocket.client.host if websocket.client else "unknown")
+    try:
+        admitted = await app.client_limits.connect(client)
+    except ProtocolError as exc:  # the shared rate-limit store is unreachable: busy
+        await _refuse(websocket, exc.code, exc.message)
+        return
+    if not admitted:
+        await _refuse(websocket, ErrorCode.RATE_LIMITED, "too many connections from this client")
+        return
+    try:
+        await _serve(websocket, app, principal, client)
+    finally:
+        with contextlib.suppress(ProtocolError):
+            await app.client_limits.disconnect(client)
+
+
+async def _serve(websocket: WebSocket, app: AppState, principal: str | None, client: str) -> None:
     await websocket.accept()
     outbox = Outbox()
-    session = Session(app, outbox, principal)
+    session = Session(app, outbox, principal, client)
     sender = asyncio.create_task(outbox.run(websocket), name="ws-sender")
     app.metrics.active_sockets.inc()
     try:

@@ -6,6 +6,8 @@ inline, for small camera frames), never as a copy through the pipe.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ from server.storage.base import ImageRef
 
 @dataclass(frozen=True)
 class Job:
-    job_id: int
+    job_id: str
     task: str
     options: dict[str, Any]
     image: ImageRef
@@ -46,13 +48,13 @@ class WorkerReady:
 
 @dataclass(frozen=True)
 class StageReached:
-    job_ids: list[int]
+    job_ids: list[str]
     stage: Stage
 
 
 @dataclass(frozen=True)
 class JobDone:
-    job_id: int
+    job_id: str
     result: dict[str, Any]
     image: dict[str, Any]
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -60,7 +62,7 @@ class JobDone:
 
 @dataclass(frozen=True)
 class JobFailed:
-    job_id: int
+    job_id: str
     code: ErrorCode
     message: str
 
@@ -84,3 +86,35 @@ class Dispatched:
 
 
 JobEvent = Queued | Dispatched | StageReached | JobDone | JobFailed
+
+
+class Ticket:
+    """One job's events, in order; iteration ends after ``JobDone`` or ``JobFailed``.
+
+    The queue that issued it feeds it with :meth:`put`; only the first outcome counts, so a
+    job run twice (a worker died after finishing it) still yields exactly one.
+    """
+
+    def __init__(self, job: Job, on_cancel: Callable[[Ticket], None]) -> None:
+        self.job = job
+        self._on_cancel = on_cancel
+        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, event: JobEvent) -> None:
+        if not self.finished:
+            self.finished = isinstance(event, (JobDone, JobFailed))
+            self._events.put_nowait(event)
+
+    def cancel(self) -> None:
+        """Withdraw the job: it leaves the queue, or its outcome is ignored if running."""
+        if not self.finished:
+            self.finished = True
+            self._on_cancel(self)
+
+    async def __aiter__(self) -> AsyncIterator[JobEvent]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, (JobDone, JobFailed)):
+                return

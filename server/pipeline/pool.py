@@ -21,7 +21,6 @@ import multiprocessing
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -33,12 +32,11 @@ from server.pipeline.jobs import (
     Batch,
     Dispatched,
     Job,
-    JobDone,
-    JobEvent,
     JobFailed,
     Queued,
     Shutdown,
     StageReached,
+    Ticket,
     WorkerEvent,
     WorkerReady,
 )
@@ -49,34 +47,6 @@ log = logging.getLogger("pixelstream.pool")
 
 MAX_ATTEMPTS = 2
 """A job whose worker died is run once more before it fails."""
-
-
-class Ticket:
-    """One job's events, in order; iteration ends after ``JobDone`` or ``JobFailed``."""
-
-    def __init__(self, job: Job, pool: WorkerPool) -> None:
-        self.job = job
-        self._pool = pool
-        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
-        self.finished = False
-
-    def _put(self, event: JobEvent) -> None:
-        if not self.finished:
-            self.finished = isinstance(event, (JobDone, JobFailed))
-            self._events.put_nowait(event)
-
-    def cancel(self) -> None:
-        """Withdraw the job: it leaves the queue, or its outcome is ignored if running."""
-        if not self.finished:
-            self.finished = True
-            self._pool._cancel(self)
-
-    async def __aiter__(self) -> AsyncIterator[JobEvent]:
-        while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, (JobDone, JobFailed)):
-                return
 
 
 @dataclass(eq=False)
@@ -92,7 +62,7 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     ready: bool = False
-    in_flight: dict[int, _Pending] = field(default_factory=dict)
+    in_flight: dict[str, _Pending] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
     reader: threading.Thread | None = None
 
@@ -151,7 +121,7 @@ class WorkerPool:
                 await self._dispatcher
         while self._pending:
             ticket = self._pending.popleft().ticket
-            ticket._put(JobFailed(ticket.job.job_id, ErrorCode.BUSY, "the server is shutting down"))
+            ticket.put(JobFailed(ticket.job.job_id, ErrorCode.BUSY, "the server is shutting down"))
         self._metrics.queue_depth.set(0)
         # A copy: _on_exit removes workers from the list while this awaits.
         workers = list(self._workers)
@@ -170,7 +140,7 @@ class WorkerPool:
                 await asyncio.to_thread(worker.reader.join, 5)
             worker.conn.close()
             for pending in list(worker.in_flight.values()):
-                pending.ticket._put(JobFailed(
+                pending.ticket.put(JobFailed(
                     pending.ticket.job.job_id, ErrorCode.BUSY, "the server is shutting down"
                 ))
             worker.in_flight.clear()
@@ -203,25 +173,30 @@ class WorkerPool:
     # Jobs -------------------------------------------------------------------------------------
 
     def submit(
-        self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int
+        self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
+        *, job_id: str | None = None,
     ) -> Ticket:
         """Queue a job. Raises ProtocolError(busy) when the queue is full, (internal) when the
-        workers could not start."""
+        workers could not start. ``job_id`` names the job (else a fresh number does)."""
         if self.startup_error is not None:
             raise ProtocolError(ErrorCode.INTERNAL, "the inference workers failed to start")
         if len(self._pending) >= self.max_queue:
             raise ProtocolError(
                 ErrorCode.BUSY, "the inference queue is full", retry_after_ms=self.retry_after_ms()
             )
-        job = Job(next(self._job_ids), task, options, image, max_pixels)
-        ticket = Ticket(job, self)
+        job = Job(job_id or str(next(self._job_ids)), task, options, image, max_pixels)
+        ticket = Ticket(job, self._cancel)
         pending = _Pending(ticket, time.monotonic())
         self._pending.append(pending)
         pending.position = len(self._pending)
-        ticket._put(Queued(pending.position))
+        ticket.put(Queued(pending.position))
         self._metrics.queue_depth.set(len(self._pending))
         self._wakeup.set()
         return ticket
+
+    def attach(self, job_id: str) -> Ticket:
+        """In-process jobs are followed through the gateway's own registry, never attached."""
+        raise ProtocolError(ErrorCode.UNKNOWN_UPLOAD, "no shared queue holds this job")
 
     def retry_after_ms(self) -> int:
         """A rough time for the queue to drain by a batch: enough for clients to back off."""
@@ -239,7 +214,7 @@ class WorkerPool:
         for index, pending in enumerate(self._pending, start=1):
             if pending.position != index:
                 pending.position = index
-                pending.ticket._put(Queued(index))
+                pending.ticket.put(Queued(index))
         self._metrics.queue_depth.set(len(self._pending))
 
     # Batching ---------------------------------------------------------------------------------
@@ -276,7 +251,7 @@ class WorkerPool:
         for pending in taken:
             pending.attempts += 1
             worker.in_flight[pending.ticket.job.job_id] = pending
-            pending.ticket._put(Dispatched(queue_ms=(now - pending.enqueued) * 1000))
+            pending.ticket.put(Dispatched(queue_ms=(now - pending.enqueued) * 1000))
         try:
             worker.conn.send(Batch([p.ticket.job for p in taken]))
         except OSError:
@@ -306,11 +281,11 @@ class WorkerPool:
             for job_id in event.job_ids:
                 pending = worker.in_flight.get(job_id)
                 if pending is not None:
-                    pending.ticket._put(StageReached([job_id], event.stage))
+                    pending.ticket.put(StageReached([job_id], event.stage))
             return
         pending = worker.in_flight.pop(event.job_id, None)
         if pending is not None:
-            pending.ticket._put(event)
+            pending.ticket.put(event)
         if not worker.in_flight:
             self._wakeup.set()
 
@@ -350,7 +325,7 @@ class WorkerPool:
     @staticmethod
     def _fail_all(pendings: Any, message: str) -> None:
         for pending in list(pendings):
-            pending.ticket._put(JobFailed(pending.ticket.job.job_id, ErrorCode.INTERNAL, message))
+            pending.ticket.put(JobFailed(pending.ticket.job.job_id, ErrorCode.INTERNAL, message))
 
     def _notify_ready(self) -> None:
         self._ready_changed.set()

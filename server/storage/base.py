@@ -6,12 +6,15 @@ implementation, so they stay interchangeable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from chunking.messages import Chunk
 from chunking.reassembler import ChunkEvent
+
+if TYPE_CHECKING:
+    from server.pipeline.jobs import Ticket
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,13 @@ class UploadMeta:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where a worker finds an image's bytes: a spool file, or the bytes themselves."""
+    """Where a worker finds an image's bytes: a spool file on this machine, a key in the
+    shared store, or the bytes themselves (small camera frames)."""
 
     size: int
     path: str | None = None
     data: bytes | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,10 @@ class UploadHandle(Protocol):
     @property
     def received(self) -> int: ...
 
+    @property
+    def complete(self) -> bool:
+        """Every byte is in and the upload was handed to analysis (see ``finish``)."""
+
 
 class UploadStore(Protocol):
     """Partial uploads, addressed by resume token, owned by one socket at a time.
@@ -66,8 +75,14 @@ class UploadStore(Protocol):
     async def create(self, meta: UploadMeta, owner: str) -> UploadHandle:
         """Store a new, empty upload; its buffer is reserved but not yet touched."""
 
-    async def claim(self, token: str, owner: str) -> UploadHandle:
-        """Take an upload over. Raises ProtocolError(unknown_upload) for an unknown token."""
+    async def claim(
+        self, token: str, owner: str, check: Callable[[UploadHandle], None] | None = None
+    ) -> UploadHandle:
+        """Take an upload over. Raises ProtocolError(unknown_upload) for an unknown token.
+
+        ``check`` sees the upload before ownership moves and may refuse it by raising (a
+        wrong principal, a size that does not match): a refused claim changes nothing.
+        """
 
     async def write(self, handle: UploadHandle, owner: str, chunk: Chunk) -> ChunkEvent:
         """Apply one chunk by PROTOCOL.md's offset rules (see chunking.reassembler)."""
@@ -75,22 +90,32 @@ class UploadStore(Protocol):
     async def finish(self, handle: UploadHandle) -> FinishedUpload:
         """Verify the checksum of a complete upload and hand its bytes over for analysis.
 
-        Raises ProtocolError(checksum_mismatch) after discarding the upload. After this call
-        the store no longer holds the upload (its token names nothing); the returned image
-        must be released with :meth:`release` once analysed.
+        Raises ProtocolError(checksum_mismatch) after discarding the upload. Afterwards the
+        token still names the upload, now ``complete`` (so a resume can follow its analysis),
+        until :meth:`discard`; the returned image must be freed with :meth:`release` once
+        analysed.
         """
 
-    async def release(self, image: ImageRef) -> None:
-        """Free an image handed out by :meth:`finish`."""
+    async def stage_image(self, source: bytes | BinaryIO, size: int) -> FinishedUpload:
+        """Store a whole image that arrived in one piece (HTTP) where workers can read it,
+        hashing it on the way. Free it with :meth:`release`."""
 
-    async def discard(self, token: str) -> None:
-        """Forget an upload and free its bytes; unknown tokens are ignored."""
+    async def release(self, image: ImageRef) -> None:
+        """Free an image handed out by :meth:`finish` or :meth:`stage_image`."""
+
+    async def discard(self, token: str, owner: str) -> None:
+        """Forget an upload and free its bytes, if ``owner`` still owns it (an upload taken
+        over by another socket is that socket's to discard); unknown tokens are ignored."""
 
     async def expire_idle(self, idle_s: float) -> Sequence[UploadHandle]:
-        """Discard partial uploads that saw no write for ``idle_s`` seconds; return them."""
+        """Discard partial uploads that saw no write for ``idle_s`` seconds; return those this
+        process was tracking."""
+
+    async def ping(self) -> bool:
+        """True when the store is reachable (for /readyz)."""
 
     async def close(self) -> None:
-        """Free everything (at shutdown)."""
+        """Free what this process holds (at shutdown)."""
 
 
 class ResultCache(Protocol):
@@ -102,3 +127,58 @@ class ResultCache(Protocol):
 
     async def ping(self) -> bool:
         """True when the cache is reachable (for /readyz)."""
+
+
+class JobQueue(Protocol):
+    """Jobs waiting for inference workers, and their events back.
+
+    :meth:`submit` never blocks: the job's events (queue position, stages, outcome) arrive on
+    the returned Ticket. A queue that cannot take the job answers on the Ticket too.
+    """
+
+    max_queue: int
+    startup_error: str | None
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting (as last known: shared queues are sampled)."""
+
+    @property
+    def ready(self) -> bool:
+        """At least one worker has its models loaded."""
+
+    @property
+    def workers_ready(self) -> int: ...
+
+    def submit(
+        self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
+        *, job_id: str | None = None,
+    ) -> Ticket:
+        """Queue a job. Raises ProtocolError(busy) when the queue is full."""
+
+    def attach(self, job_id: str) -> Ticket:
+        """Follow a job that another gateway submitted (its owner socket moved here)."""
+
+    def retry_after_ms(self) -> int:
+        """A back-off hint for ``busy`` answers."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float = 10.0) -> None: ...
+
+
+class RateLimiter(Protocol):
+    """Budgets shared by every gateway that shares the backend.
+
+    ``key`` names a client (a token's principal or an address) and what is counted.
+    """
+
+    async def spend(self, key: str, amount: int, limit: int, window_s: float) -> int:
+        """Count ``amount`` against ``limit`` per ``window_s``. Returns 0 when within budget
+        (the amount is counted), else the milliseconds until it would fit (nothing counted)."""
+
+    async def enter(self, key: str, limit: int) -> bool:
+        """Take one of ``limit`` concurrent places (a connection); False when all are taken."""
+
+    async def leave(self, key: str) -> None:
+        """Give a place taken by :meth:`enter` back."""

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import mmap
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Chunk
-from chunking.reassembler import ChunkEvent, Reassembler
+from chunking.reassembler import ChunkEvent, Reassembler, Replayed, is_append
 from server.pipeline.spool import Spool, SpoolFile
 from server.storage.base import FinishedUpload, ImageRef, UploadMeta
+
+_OFF_LOOP_BYTES = 1 << 20
+"""Images larger than this are copied and hashed in a thread, off the event loop."""
 
 
 def new_resume_token() -> str:
@@ -29,7 +35,7 @@ class MemoryUpload:
     spool_file: SpoolFile
     reassembler: Reassembler
     last_write: float
-    _released: bool = field(default=False, repr=False)
+    complete: bool = False
 
     @property
     def received(self) -> int:
@@ -40,21 +46,44 @@ def unknown_upload(upload_id: str | None, why: str) -> ProtocolError:
     return ProtocolError(ErrorCode.UNKNOWN_UPLOAD, why, upload_id=upload_id)
 
 
+def copy_hashing(source: bytes | BinaryIO, target: mmap.mmap | bytearray, size: int) -> str:
+    """Copy an image of ``size`` bytes into ``target``, returning its SHA-256 (hex)."""
+    hasher = hashlib.sha256()
+    if isinstance(source, bytes):
+        if len(source) != size:
+            raise ValueError("size does not match the data")
+        target[:] = source
+        hasher.update(source)
+        return hasher.hexdigest()
+    view = memoryview(target)
+    try:
+        offset = 0
+        while offset < size:
+            read = source.readinto(view[offset : offset + (1 << 20)])  # type: ignore[attr-defined]
+            if not read:
+                raise ProtocolError(ErrorCode.INVALID_IMAGE, "the file ended early")
+            hasher.update(view[offset : offset + read])
+            offset += read
+    finally:
+        view.release()
+    return hasher.hexdigest()
+
+
 class MemoryUploadStore:
-    """Partial uploads of this process. ``clock`` is injectable for expiry tests."""
+    """Uploads of this process, in spool files. ``clock`` is injectable for expiry tests."""
 
     def __init__(self, spool: Spool, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._spool = spool
         self._clock = clock
         self._uploads: dict[str, MemoryUpload] = {}
-        self._finished: dict[str, SpoolFile] = {}  # path -> file, until released
+        self._images: dict[str, SpoolFile] = {}  # path -> file handed out, until released
 
     def __len__(self) -> int:
         return len(self._uploads)
 
     @property
     def bytes_held(self) -> int:
-        return sum(u.received for u in self._uploads.values())
+        return sum(u.received for u in self._uploads.values() if not u.complete)
 
     async def create(self, meta: UploadMeta, owner: str) -> MemoryUpload:
         spool_file = self._spool.allocate(meta.size)
@@ -73,10 +102,14 @@ class MemoryUploadStore:
         self._uploads[upload.token] = upload
         return upload
 
-    async def claim(self, token: str, owner: str) -> MemoryUpload:
+    async def claim(
+        self, token: str, owner: str, check: Callable[[Any], None] | None = None
+    ) -> MemoryUpload:
         upload = self._uploads.get(token)
         if upload is None:
             raise unknown_upload(None, "the resume token names no live upload")
+        if check is not None:
+            check(upload)
         upload.owner = owner
         upload.last_write = self._clock()
         return upload
@@ -85,13 +118,18 @@ class MemoryUploadStore:
         upload: MemoryUpload = handle
         if upload.owner != owner or self._uploads.get(upload.token) is not upload:
             raise unknown_upload(chunk.id, "this upload was taken over by another connection")
+        if upload.complete:
+            # Every byte is in and the buffer belongs to the analysis: only replays remain.
+            size = upload.meta.size
+            if not is_append(chunk, size, size):
+                return Replayed(received=size, total=size)
         event = upload.reassembler.receive(chunk)
         upload.last_write = self._clock()
         return event
 
     async def finish(self, handle: Any) -> FinishedUpload:
         upload: MemoryUpload = handle
-        if self._uploads.get(upload.token) is not upload:  # finished, discarded or expired
+        if self._uploads.get(upload.token) is not upload or upload.complete:
             raise unknown_upload(upload.meta.upload_id, "this upload is no longer held")
         try:
             digest = upload.reassembler.finish()  # an incomplete upload stays held
@@ -99,39 +137,61 @@ class MemoryUploadStore:
             del self._uploads[upload.token]
             self._free(upload)
             raise
-        del self._uploads[upload.token]
+        upload.complete = True
         upload.reassembler.release()
         spool_file = upload.spool_file
-        self._finished[str(spool_file.path)] = spool_file
+        self._images[str(spool_file.path)] = spool_file
         return FinishedUpload(sha256=digest, image=ImageRef(size=upload.meta.size,
                                                             path=str(spool_file.path)))
 
+    async def stage_image(self, source: bytes | BinaryIO, size: int) -> FinishedUpload:
+        spool_file = self._spool.allocate(size)
+        assert spool_file.buffer is not None
+        try:
+            if size > _OFF_LOOP_BYTES:
+                digest = await asyncio.to_thread(copy_hashing, source, spool_file.buffer, size)
+            else:
+                digest = copy_hashing(source, spool_file.buffer, size)
+        except BaseException:
+            spool_file.close()
+            raise
+        self._images[str(spool_file.path)] = spool_file
+        return FinishedUpload(sha256=digest, image=ImageRef(size=size, path=str(spool_file.path)))
+
     async def release(self, image: ImageRef) -> None:
         if image.path is not None:
-            spool_file = self._finished.pop(image.path, None)
+            spool_file = self._images.pop(image.path, None)
             if spool_file is not None:
                 spool_file.close()
 
-    async def discard(self, token: str) -> None:
-        upload = self._uploads.pop(token, None)
-        if upload is not None:
-            self._free(upload)
+    async def discard(self, token: str, owner: str) -> None:
+        upload = self._uploads.get(token)
+        if upload is None or upload.owner != owner:
+            return
+        del self._uploads[token]
+        if not upload.complete:
+            self._free(upload)  # a complete upload's file is freed by release()
 
     async def expire_idle(self, idle_s: float) -> list[MemoryUpload]:
         deadline = self._clock() - idle_s
-        expired = [u for u in self._uploads.values() if u.last_write <= deadline]
+        expired = [u for u in self._uploads.values()
+                   if not u.complete and u.last_write <= deadline]
         for upload in expired:
             del self._uploads[upload.token]
             self._free(upload)
         return expired
 
+    async def ping(self) -> bool:
+        return True
+
     async def close(self) -> None:
         for upload in list(self._uploads.values()):
-            self._free(upload)
+            if not upload.complete:
+                self._free(upload)
         self._uploads.clear()
-        for spool_file in self._finished.values():
+        for spool_file in self._images.values():
             spool_file.close()
-        self._finished.clear()
+        self._images.clear()
 
     @staticmethod
     def _free(upload: MemoryUpload) -> None:
@@ -165,3 +225,38 @@ class LruResultCache:
 
     async def ping(self) -> bool:
         return True
+
+
+class MemoryRateLimiter:
+    """Fixed-window budgets and concurrency counts of this process."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._windows: dict[str, tuple[int, float]] = {}  # key -> (count, window end)
+        self._places: dict[str, int] = {}
+
+    async def spend(self, key: str, amount: int, limit: int, window_s: float) -> int:
+        now = self._clock()
+        count, ends = self._windows.get(key, (0, 0.0))
+        if now >= ends:
+            count, ends = 0, now + window_s
+            if len(self._windows) > 100_000:  # forget windows that have ended
+                self._windows = {k: v for k, v in self._windows.items() if v[1] > now}
+        if count + amount > limit and count > 0:
+            return max(1, int((ends - now) * 1000))
+        self._windows[key] = (count + amount, ends)
+        return 0
+
+    async def enter(self, key: str, limit: int) -> bool:
+        taken = self._places.get(key, 0)
+        if taken >= limit:
+            return False
+        self._places[key] = taken + 1
+        return True
+
+    async def leave(self, key: str) -> None:
+        taken = self._places.get(key, 0) - 1
+        if taken > 0:
+            self._places[key] = taken
+        else:
+            self._places.pop(key, None)

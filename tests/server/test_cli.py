@@ -51,6 +51,13 @@ FLAG_CASES: dict[str, tuple[str, Any]] = {
                         ("https://a.example", "http://b.example:8080")),
     "messages_per_second": ("12.5", 12.5),
     "message_burst": ("25", 25),
+    "max_connections_per_client": ("3", 3),
+    "uploads_per_minute": ("100", 100),
+    "bytes_per_minute": ("1000000", 1_000_000),
+    "forwarded_allow_ips": ("10.0.0.1", "10.0.0.1"),
+    "redis_url": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    "result_ttl_s": ("60", 60.0),
+    "claim_idle_ms": ("5000", 5000),
     "log_level": ("debug", "debug"),
 }
 

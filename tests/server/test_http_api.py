@@ -266,12 +266,12 @@ async def test_form_unknown_task_is_422(colors_server, http) -> None:
 async def test_an_unexpected_fault_is_500_internal_without_details(server_factory,
                                                                   http) -> None:
     server = server_factory()
-    spool = server.state.spool
+    store = server.state.store
 
-    def failing_allocate(size: int) -> Any:
+    async def failing_stage(source: Any, size: int) -> Any:
         raise OSError("/secret/spool/path: No space left on device")
 
-    spool.allocate = failing_allocate  # type: ignore[method-assign]
+    store.stage_image = failing_stage  # type: ignore[method-assign]
     for response in (await post_json(http, server, {"image": b64(unique_image())}),
                      await post_form(http, server, unique_image())):
         assert_error(response, 500, "internal")

@@ -34,6 +34,13 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
                         ("https://a.example", "http://b.example:8080")),
     "messages_per_second": ("12.5", 12.5),
     "message_burst": ("25", 25),
+    "max_connections_per_client": ("3", 3),
+    "uploads_per_minute": ("100", 100),
+    "bytes_per_minute": ("1000000", 1_000_000),
+    "forwarded_allow_ips": ("10.0.0.1", "10.0.0.1"),
+    "redis_url": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    "result_ttl_s": ("60", 60.0),
+    "claim_idle_ms": ("5000", 5000),
     "log_level": ("debug", "debug"),
 }
 
@@ -110,7 +117,8 @@ def test_unparseable_values_raise_value_error_naming_the_variable(name: str, tex
 
 @pytest.mark.parametrize(
     ("name", "text"),
-    [("workers", "0"), ("max_batch_size", "0"), ("max_queue", "-1"), ("message_burst", "0"),
+    [("workers", "0"), ("workers", "-1"), ("uploads_per_minute", "-1"),
+     ("result_ttl_s", "0"), ("max_batch_size", "0"), ("max_queue", "-1"), ("message_burst", "0"),
      ("max_wait_ms", "-1"), ("messages_per_second", "0"), ("max_chunk_bytes", "0"),
      ("max_image_bytes", "-5")],
 )
@@ -124,6 +132,12 @@ def test_nan_is_refused_from_flags_too(name: str) -> None:
     """A NaN rate passes naive range checks and turns the token bucket off."""
     with pytest.raises(ValueError, match=name):
         Settings.from_env({}, **{name: float("nan")})
+
+
+def test_a_gateway_without_workers_needs_a_shared_queue() -> None:
+    assert Settings(workers=0, redis_url="redis://127.0.0.1:6379").workers == 0
+    with pytest.raises(ValueError, match="workers"):
+        Settings(workers=0)
 
 
 def test_overrides_win_over_the_environment() -> None:

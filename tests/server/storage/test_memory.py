@@ -50,7 +50,9 @@ def test_resume_tokens_are_url_safe_and_long() -> None:
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}", t) for t in tokens)
 
 
-async def test_len_and_bytes_held_count_partial_uploads(store: MemoryUploadStore) -> None:
+async def test_len_counts_records_and_bytes_held_counts_partial_uploads(
+    store: MemoryUploadStore,
+) -> None:
     first = await store.create(meta("a"), "s")
     second = await store.create(meta("b"), "s")
     await store.write(first, "s", Chunk("a", 0, DATA[:100]))
@@ -58,9 +60,12 @@ async def test_len_and_bytes_held_count_partial_uploads(store: MemoryUploadStore
     assert len(store) == 2
     assert store.bytes_held == 124
     await store.write(first, "s", Chunk("a", 100, DATA[100:]))
-    await store.finish(first)
-    assert len(store) == 1
+    finished = await store.finish(first)
+    assert len(store) == 2  # the complete record stays until discarded
     assert store.bytes_held == 24
+    await store.discard(first.token, "s")
+    assert len(store) == 1
+    await store.release(finished.image)
 
 
 async def test_an_upload_is_one_spool_file_until_freed(store: MemoryUploadStore,
@@ -68,7 +73,7 @@ async def test_an_upload_is_one_spool_file_until_freed(store: MemoryUploadStore,
     kept = await store.create(meta("kept"), "s")
     dropped = await store.create(meta("dropped"), "s")
     assert len(spool_files(spool)) == 2
-    await store.discard(dropped.token)
+    await store.discard(dropped.token, "s")
     assert spool_files(spool) == [kept.spool_file.path]
     await store.write(kept, "s", Chunk("kept", 0, DATA))
     finished = await store.finish(kept)

@@ -1,0 +1,338 @@
+"""The shared job queue, gateway side: jobs go into a Redis stream, events come back on the
+gateway's own stream.
+
+A job is one stream entry (``keys.JOBS``) read by a consumer group of workers
+(:mod:`server.pipeline.stream_worker`); a worker that dies holding one loses nothing, as
+another claims it after ``claim_idle_ms`` (XAUTOCLAIM). Events for a job go to the gateway
+named by ``keys.job_reply(job_id)``, which a gateway re-points at itself when a client resumes
+there; the final event is also kept under ``keys.job_outcome`` so it is never missed. A job
+run twice still yields one outcome: a Ticket takes the first.
+
+Queue positions are real across gateways: each job takes a sequence number from
+``keys.JOBS_ADDED`` as it is queued, workers count what they take in ``keys.JOBS_TAKEN``,
+and a job's position is its number minus the taken count, sampled a few times a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+import orjson
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from chunking.errors import ErrorCode, ProtocolError
+from chunking.messages import Stage
+from server.metrics import Metrics
+from server.pipeline.jobs import (
+    Dispatched,
+    Job,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    Queued,
+    StageReached,
+    Ticket,
+)
+from server.storage import keys
+from server.storage.base import ImageRef
+
+log = logging.getLogger("pixelstream.queue")
+
+SAMPLE_INTERVAL_S = 0.25
+"""How often queue depth, positions and worker heartbeats are read."""
+
+_ENQUEUE = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'data', ARGV[2], 'seq', seq,
+                      'enqueued', ARGV[5])
+return {seq, id}
+"""
+
+_WITHDRAW = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('INCR', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+
+def encode_job(job: Job) -> tuple[bytes, bytes]:
+    """A job as stream fields: its JSON, and inline image bytes (frames) apart, unencoded."""
+    image = {"size": job.image.size, "key": job.image.key}
+    body = {"job_id": job.job_id, "task": job.task, "options": job.options,
+            "max_pixels": job.max_pixels, "image": image}
+    return orjson.dumps(body), job.image.data or b""
+
+
+def decode_job(body: bytes, data: bytes) -> Job:
+    fields = orjson.loads(body)
+    image = fields["image"]
+    return Job(
+        job_id=fields["job_id"], task=fields["task"], options=fields["options"],
+        image=ImageRef(size=image["size"], key=image.get("key"), data=data or None),
+        max_pixels=fields["max_pixels"],
+    )
+
+
+def encode_event(event: JobEvent) -> bytes:
+    if isinstance(event, StageReached):
+        return orjson.dumps({"kind": "stage", "stage": event.stage.value})
+    if isinstance(event, Dispatched):
+        return orjson.dumps({"kind": "dispatched", "queue_ms": event.queue_ms})
+    if isinstance(event, JobDone):
+        return orjson.dumps({"kind": "done", "result": event.result, "image": event.image,
+                             "timings_ms": event.timings_ms})
+    if isinstance(event, JobFailed):
+        return orjson.dumps({"kind": "failed", "code": event.code.value,
+                             "message": event.message})
+    raise TypeError(f"not a worker event: {event!r}")
+
+
+def decode_event(job_id: str, raw: bytes) -> JobEvent:
+    fields = orjson.loads(raw)
+    kind = fields["kind"]
+    if kind == "stage":
+        return StageReached([job_id], Stage(fields["stage"]))
+    if kind == "dispatched":
+        return Dispatched(queue_ms=fields["queue_ms"])
+    if kind == "done":
+        return JobDone(job_id, result=fields["result"], image=fields["image"],
+                       timings_ms=fields["timings_ms"])
+    return JobFailed(job_id, ErrorCode(fields["code"]), fields["message"])
+
+
+class _Followed:
+    """A job this gateway follows: its ticket and, while queued, its sequence number."""
+
+    __slots__ = ("entry_id", "position", "seq", "ticket")
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+        self.seq: int | None = None
+        self.entry_id: bytes | None = None
+        self.position = 0
+
+
+class RedisJobQueue:
+    def __init__(self, redis: aioredis.Redis, *, max_queue: int,
+                 metrics: Metrics | None = None, gateway_id: str | None = None) -> None:
+        self._redis = redis
+        self.max_queue = max_queue
+        self._metrics = metrics or Metrics()
+        self.gateway_id = gateway_id or secrets.token_hex(8)
+        self._events_key = keys.gateway_events(self.gateway_id)
+        self._followed: dict[str, _Followed] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._withdraw = redis.register_script(_WITHDRAW)
+        self._depth = 0
+        self._taken = 0
+        self._workers_ready = 0
+        self._reachable = False
+        self._run_id: str | None = None
+        self.startup_error: str | None = None
+
+    # State ----------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def workers_ready(self) -> int:
+        return self._workers_ready if self._reachable else 0
+
+    @property
+    def ready(self) -> bool:
+        return self.workers_ready > 0
+
+    def retry_after_ms(self) -> int:
+        return 250 + 50 * self._depth // max(1, self._workers_ready)
+
+    async def start(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await ensure_group(self._redis)
+        self._tasks = [
+            asyncio.create_task(self._read_events(), name="queue-events"),
+            asyncio.create_task(self._sample(), name="queue-sampler"),
+        ]
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for followed in list(self._followed.values()):
+            followed.ticket.put(JobFailed(followed.ticket.job.job_id, ErrorCode.BUSY,
+                                          "the server is shutting down"))
+        self._followed.clear()
+
+    # Jobs -------------------------------------------------------------------------------------
+
+    def submit(self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
+               *, job_id: str | None = None) -> Ticket:
+        if self._depth >= self.max_queue:
+            raise ProtocolError(ErrorCode.BUSY, "the inference queue is full",
+                                retry_after_ms=self.retry_after_ms())
+        job = Job(job_id or secrets.token_hex(12), task, options, image, max_pixels)
+        followed = self._follow(job)
+        followed_task = asyncio.create_task(self._send(followed), name="queue-send")
+        self._tasks.append(followed_task)
+        followed_task.add_done_callback(self._tasks.remove)
+        return followed.ticket
+
+    def attach(self, job_id: str) -> Ticket:
+        followed = self._follow(Job(job_id, "", {}, ImageRef(size=0), 0))
+        attach_task = asyncio.create_task(self._redirect(followed), name="queue-attach")
+        self._tasks.append(attach_task)
+        attach_task.add_done_callback(self._tasks.remove)
+        return followed.ticket
+
+    def _follow(self, job: Job) -> _Followed:
+        followed = _Followed(Ticket(job, self._cancel))
+        self._followed[job.job_id] = followed
+        return followed
+
+    async def _send(self, followed: _Followed) -> None:
+        job = followed.ticket.job
+        body, data = encode_job(job)
+        try:
+            seq, entry_id = await self._enqueue(
+                keys=[keys.JOBS_ADDED, keys.JOBS, keys.job_reply(job.job_id)],
+                args=[body, data, self.gateway_id, keys.JOB_TTL_S, time.time()],
+            )
+        except (RedisError, OSError):
+            self._finish(job.job_id, JobFailed(job.job_id, ErrorCode.BUSY,
+                                               "the shared queue is unreachable; retry shortly"))
+            return
+        followed.seq, followed.entry_id = int(seq), entry_id
+        followed.position = max(1, int(seq) - self._taken)
+        followed.ticket.put(Queued(followed.position))
+
+    async def _redirect(self, followed: _Followed) -> None:
+        """Route a job's events here, then pick up its outcome if it already came."""
+        job_id = followed.ticket.job.job_id
+        try:
+            await self._redis.set(keys.job_reply(job_id), self.gateway_id, ex=keys.JOB_TTL_S)
+            outcome: Any = await self._redis.get(keys.job_outcome(job_id))
+        except (RedisError, OSError):
+            self._finish(job_id, JobFailed(job_id, ErrorCode.BUSY,
+                                           "the shared queue is unreachable; retry shortly"))
+            return
+        if outcome is not None:
+            self._finish(job_id, decode_event(job_id, outcome))
+
+    def _cancel(self, ticket: Ticket) -> None:
+        followed = self._followed.pop(ticket.job.job_id, None)
+        if followed is not None and followed.entry_id is not None:
+            withdraw = asyncio.create_task(self._withdraw_entry(followed.entry_id))
+            self._tasks.append(withdraw)
+            withdraw.add_done_callback(self._tasks.remove)
+
+    async def _withdraw_entry(self, entry_id: bytes) -> None:
+        # Not yet taken by a worker: it leaves the stream (and counts as taken, for
+        # positions). Taken already: the worker runs it and the outcome is ignored.
+        with contextlib.suppress(RedisError, OSError):
+            await self._withdraw(keys=[keys.JOBS, keys.JOBS_TAKEN], args=[entry_id])
+
+    def _finish(self, job_id: str, event: JobEvent) -> None:
+        followed = self._followed.pop(job_id, None)
+        if followed is not None:
+            followed.ticket.put(event)
+
+    # Background -------------------------------------------------------------------------------
+
+    async def _read_events(self) -> None:
+        last_id = b"$"
+        while True:
+            try:
+                replies: Any = await self._redis.xread({self._events_key: last_id}, count=256,
+                                                  block=1000)
+            except (RedisError, OSError):
+                await asyncio.sleep(0.5)  # Redis is away: try again shortly
+                continue
+            for _, entries in replies or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    self._on_event(fields[b"job"].decode(), fields[b"event"])
+            if replies:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._redis.xtrim(self._events_key, minid=last_id)
+
+    def _on_event(self, job_id: str, raw: bytes) -> None:
+        followed = self._followed.get(job_id)
+        if followed is None:
+            return
+        event = decode_event(job_id, raw)
+        if isinstance(event, (JobDone, JobFailed)):
+            self._finish(job_id, event)
+            return
+        if isinstance(event, Dispatched):
+            followed.seq = None  # left the queue: no more positions
+        followed.ticket.put(event)
+
+    async def _sample(self) -> None:
+        while True:
+            try:
+                await self._sample_once()
+                self._reachable = True
+            except (RedisError, OSError):
+                self._reachable = False
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+
+    async def _sample_once(self) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.JOBS_ADDED)
+            pipe.get(keys.JOBS_TAKEN)
+            pipe.hgetall(keys.WORKERS)
+            pipe.expire(self._events_key, keys.EVENTS_TTL_S)
+            pipe.info("server")
+            replies: Any = await pipe.execute()
+        added, taken, workers, _, info = replies
+        added, taken = int(added or 0), int(taken or 0)
+        run_id = info.get("run_id")
+        if self._run_id is not None and run_id != self._run_id:
+            self._lost_everything()
+        if self._run_id != run_id:
+            await ensure_group(self._redis)
+        self._run_id = run_id
+        self._taken = taken
+        self._depth = max(0, added - taken)
+        self._metrics.queue_depth.set(self._depth)
+        now = time.time()
+        self._workers_ready = sum(
+            1 for beat in workers.values() if now - float(beat) < keys.WORKER_STALE_S
+        )
+        self._metrics.workers_ready.set(self._workers_ready)
+        for followed in self._followed.values():
+            if followed.seq is not None:
+                position = max(1, followed.seq - taken)
+                if position != followed.position:
+                    followed.position = position
+                    followed.ticket.put(Queued(position))
+
+    def _lost_everything(self) -> None:
+        """Redis restarted empty: every job this gateway followed is gone with it."""
+        log.error("the shared queue was reset (Redis restarted); failing %d jobs",
+                  len(self._followed))
+        for job_id in list(self._followed):
+            self._finish(job_id, JobFailed(job_id, ErrorCode.BUSY,
+                                           "the shared queue was reset; send the image again"))
+
+
+async def ensure_group(redis: aioredis.Redis) -> None:
+    """Create the workers' consumer group (and the stream) unless they exist."""
+    try:
+        await redis.xgroup_create(keys.JOBS, keys.JOBS_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

@@ -1,0 +1,302 @@
+"""The inference worker for the shared queue: ``pixelstream worker``, on any machine.
+
+Each worker process reads jobs from the Redis stream through the consumer group, batches
+them (up to ``max_batch_size``, waiting up to ``max_wait_ms`` for a batch to fill), runs
+them with the same :func:`~server.pipeline.worker.run_batch` as in-process workers, and
+sends each event to the gateway that follows the job. It acknowledges a job only after its
+outcome is published, so a worker killed mid-job loses nothing: another worker claims the
+job once it has been idle ``claim_idle_ms`` (XAUTOCLAIM) and runs it again; a job delivered
+``MAX_DELIVERIES`` times fails with ``internal`` instead of killing workers forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
+import os
+import signal
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis as redis_sync
+from redis.exceptions import RedisError, ResponseError
+
+from chunking.errors import ErrorCode
+from server.pipeline.analyzers.base import Analyzer, TaskSpec
+from server.pipeline.jobs import (
+    Batch,
+    Dispatched,
+    Job,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    StageReached,
+    WorkerEvent,
+)
+from server.pipeline.redis_queue import decode_job, encode_event
+from server.pipeline.worker import load_analyzers, run_batch
+from server.storage import keys
+from server.storage.base import ImageRef
+
+log = logging.getLogger("pixelstream.stream_worker")
+
+MAX_DELIVERIES = 3
+"""A job handed out this many times (its workers kept dying) fails instead."""
+HEARTBEAT_S = 2.0
+BLOCK_MS = 1000
+
+
+@dataclass(frozen=True)
+class StreamWorkerConfig:
+    redis_url: str
+    specs: tuple[TaskSpec, ...]
+    torch_threads: int = 1
+    max_batch_size: int = 8
+    max_wait_ms: float = 5.0
+    claim_idle_ms: int = 15000
+
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class StreamWorker:
+    """One consumer of the job stream. :meth:`run` loops until :meth:`stop`."""
+
+    def __init__(self, config: StreamWorkerConfig, analyzers: Mapping[str, Analyzer],
+                 redis: redis_sync.Redis | None = None, name: str | None = None) -> None:
+        self.config = config
+        self.analyzers = analyzers
+        self.redis = redis or redis_sync.Redis.from_url(
+            config.redis_url, socket_connect_timeout=2, socket_timeout=30)
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self._stopping = threading.Event()
+        self._last_claim = 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # The loop ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        heartbeat.start()
+        while not self._stopping.is_set():
+            try:
+                self.step()
+            except (RedisError, OSError) as exc:
+                log.warning("the shared queue is unreachable (%s); retrying", exc)
+                self._stopping.wait(1.0)
+        with_suppressed(lambda: self.redis.hdel(keys.WORKERS, self.name))
+
+    def step(self) -> int:
+        """Take one batch's worth of jobs (claimed from dead workers first) and run them."""
+        entries = self._claim_stale()
+        if not entries:
+            entries = self._read(self.config.max_batch_size, BLOCK_MS)
+            if entries and len(entries) < self.config.max_batch_size:
+                wait_ms = int(self.config.max_wait_ms)
+                if wait_ms > 0:
+                    entries += self._read(self.config.max_batch_size - len(entries), wait_ms)
+        if entries:
+            self.process(entries)
+        return len(entries)
+
+    def _read(self, count: int, block_ms: int) -> list[Entry]:
+        try:
+            replies: Any = self.redis.xreadgroup(keys.JOBS_GROUP, self.name, {keys.JOBS: ">"},
+                                            count=count, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            ensure_group_sync(self.redis)  # Redis restarted empty
+            return []
+        entries: list[Entry] = [entry for _, batch in replies or [] for entry in batch]
+        if entries:
+            self.redis.incrby(keys.JOBS_TAKEN, len(entries))
+        return entries
+
+    def _claim_stale(self) -> list[Entry]:
+        """Jobs of workers that died holding them (checked once per claim interval)."""
+        now = time.monotonic()
+        if now - self._last_claim < self.config.claim_idle_ms / 2000:
+            return []
+        self._last_claim = now
+        try:
+            reply: Any = self.redis.xautoclaim(keys.JOBS, keys.JOBS_GROUP, self.name,
+                                          min_idle_time=self.config.claim_idle_ms,
+                                          start_id="0-0", count=self.config.max_batch_size)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            ensure_group_sync(self.redis)
+            return []
+        claimed: list[Entry] = [entry for entry in reply[1] if entry[1]]
+        if claimed:
+            log.warning("claimed %d job(s) from a worker that stopped answering", len(claimed))
+        return claimed
+
+    # Jobs ---------------------------------------------------------------------------------------
+
+    def process(self, entries: Sequence[Entry]) -> None:
+        by_task: dict[str, list[Job]] = defaultdict(list)
+        for entry_id, fields in entries:
+            job = self._admit(entry_id, fields)
+            if job is not None:
+                by_task[job.task].append(job)
+        for jobs in by_task.values():
+            for event in run_batch(self.analyzers, Batch(jobs)):
+                self.publish(event)
+        ids = [entry_id for entry_id, _ in entries]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(keys.JOBS, keys.JOBS_GROUP, *ids)
+        pipe.xdel(keys.JOBS, *ids)
+        pipe.execute()
+
+    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Job | None:
+        """The job of one entry with its image in memory, or None if it failed already."""
+        job = decode_job(fields[b"job"], fields.get(b"data", b""))
+        deliveries: Any = self.redis.xpending_range(
+            keys.JOBS, keys.JOBS_GROUP, entry_id, entry_id, 1)
+        if deliveries and deliveries[0]["times_delivered"] > MAX_DELIVERIES:
+            self.publish(JobFailed(job.job_id, ErrorCode.INTERNAL,
+                                   "the job stopped its workers repeatedly"))
+            return None
+        queue_ms = max(0.0, (time.time() - float(fields.get(b"enqueued", b"0"))) * 1000)
+        self.publish_to(job.job_id, Dispatched(queue_ms=queue_ms))
+        if job.image.key is not None:
+            data: Any = self.redis.get(job.image.key)
+            if data is None:
+                self.publish(JobFailed(job.job_id, ErrorCode.INTERNAL,
+                                       "the image was released before it was analysed"))
+                return None
+            job = Job(job.job_id, job.task, job.options, ImageRef(size=len(data), data=data),
+                      job.max_pixels)
+        return job
+
+    def publish(self, event: WorkerEvent | JobEvent) -> None:
+        if isinstance(event, StageReached):
+            for job_id in event.job_ids:
+                self.publish_to(job_id, StageReached([job_id], event.stage))
+        elif isinstance(event, (JobDone, JobFailed)):
+            self.publish_to(event.job_id, event)
+
+    def publish_to(self, job_id: str, event: JobEvent) -> None:
+        raw = encode_event(event)
+        if isinstance(event, (JobDone, JobFailed)):
+            # Kept first, so a gateway that moves the reply route after this still finds it.
+            self.redis.set(keys.job_outcome(job_id), raw, ex=keys.JOB_TTL_S, nx=True)
+        gateway: Any = self.redis.get(keys.job_reply(job_id))
+        if gateway is not None:
+            self.redis.xadd(keys.gateway_events(gateway.decode()), {"job": job_id, "event": raw},
+                            maxlen=keys.EVENTS_MAXLEN, approximate=True)
+
+    def _beat(self) -> None:
+        while not self._stopping.is_set():
+            with_suppressed(lambda: self.redis.hset(keys.WORKERS, self.name, time.time()))
+            self._stopping.wait(HEARTBEAT_S)
+
+
+def with_suppressed(call: Callable[[], object]) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        call()
+
+
+def ensure_group_sync(redis: redis_sync.Redis) -> None:
+    try:
+        redis.xgroup_create(keys.JOBS, keys.JOBS_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def stream_worker_main(config: StreamWorkerConfig) -> None:
+    """Process entry point (``pixelstream worker`` spawns one per ``--workers``)."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s stream-worker %(levelname)s %(message)s")
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(max(1, config.torch_threads))
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # decode() checks each header against the job's limit
+    analyzers = load_analyzers(config.specs)
+    worker = StreamWorker(config, analyzers)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    with_suppressed(lambda: ensure_group_sync(worker.redis))
+    log.info("worker %s ready: %s", worker.name, ", ".join(analyzers))
+    worker.run()
+
+
+def spawn_worker(config: StreamWorkerConfig) -> multiprocessing.process.BaseProcess:
+    process = multiprocessing.get_context("spawn").Process(
+        target=stream_worker_main, args=(config,), name="pixelstream-stream-worker", daemon=True)
+    process.start()
+    return process
+
+
+def supervise(config: StreamWorkerConfig, count: int) -> int:
+    """Run ``count`` worker processes, replacing any that die, until SIGTERM or SIGINT."""
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    processes = [spawn_worker(config) for _ in range(count)]
+    while not stopping.is_set():
+        sentinels = [p.sentinel for p in processes]
+        multiprocessing.connection.wait(sentinels, timeout=1.0)
+        for index, process in enumerate(processes):
+            if not process.is_alive() and not stopping.is_set():
+                log.error("worker %s exited (%s); starting another", process.pid, process.exitcode)
+                processes[index] = spawn_worker(config)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    return 0
+
+
+class LocalStreamWorkers:
+    """Stream workers started by a gateway (``serve`` with ``redis_url`` and ``workers`` > 0)."""
+
+    def __init__(self, config: StreamWorkerConfig, count: int) -> None:
+        self.config = config
+        self.count = count
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.processes = [spawn_worker(self.config) for _ in range(self.count)]
+        if self.processes:
+            self._watcher = asyncio.create_task(self._watch(), name="stream-workers")
+
+    async def _watch(self) -> None:
+        while True:
+            sentinels = [p.sentinel for p in self.processes]
+            await asyncio.to_thread(multiprocessing.connection.wait, sentinels, 1.0)
+            for index, process in enumerate(self.processes):
+                if not process.is_alive():
+                    log.error("worker %s exited (%s); starting another", process.pid,
+                              process.exitcode)
+                    self.processes[index] = spawn_worker(self.config)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            await asyncio.to_thread(process.join, 30)
+            if process.is_alive():
+                process.kill()
