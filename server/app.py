@@ -62,7 +62,7 @@ def torch_threads(settings: Settings) -> int:
     """
     if settings.torch_threads > 0:
         return settings.torch_threads
-    return max(1, ((os.cpu_count() or 1) - 1) // settings.workers)
+    return max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.workers))
 
 
 def _prepare_models_sync(specs: Sequence[TaskSpec]) -> None:

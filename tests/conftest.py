@@ -116,7 +116,8 @@ def start_server(settings: Settings, specs: Sequence[TaskSpec] | None = None) ->
     thread.start()
     if not server.ready.wait(120) or not server.started:
         raise RuntimeError("the test server failed to start")
-    running.call(running.state.service.pool.wait_ready())
+    if settings.workers:
+        running.call(running.state.service.pool.wait_ready())
     return running
 
 

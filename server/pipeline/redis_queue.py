@@ -48,11 +48,16 @@ SAMPLE_INTERVAL_S = 0.25
 """How often queue depth, positions and worker heartbeats are read."""
 
 _ENQUEUE = """
+local generation = redis.call('GET', KEYS[5])
+if not generation then
+  generation = ARGV[6]
+  redis.call('SET', KEYS[5], generation)
+end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'data', ARGV[2], 'seq', seq,
                       'enqueued', ARGV[5])
-return {seq, id}
+return {seq, id, tonumber(redis.call('GET', KEYS[4]) or '0'), generation}
 """
 
 _WITHDRAW = """
@@ -112,10 +117,11 @@ def decode_event(job_id: str, raw: bytes) -> JobEvent:
 class _Followed:
     """A job this gateway follows: its ticket and, while queued, its sequence number."""
 
-    __slots__ = ("entry_id", "position", "seq", "ticket")
+    __slots__ = ("entry_id", "generation", "position", "seq", "ticket")
 
     def __init__(self, ticket: Ticket) -> None:
         self.ticket = ticket
+        self.generation: bytes | None = None
         self.seq: int | None = None
         self.entry_id: bytes | None = None
         self.position = 0
@@ -137,7 +143,7 @@ class RedisJobQueue:
         self._taken = 0
         self._workers_ready = 0
         self._reachable = False
-        self._run_id: str | None = None
+        self._ready_changed = asyncio.Event()
         self.startup_error: str | None = None
 
     # State ----------------------------------------------------------------------------------
@@ -156,6 +162,12 @@ class RedisJobQueue:
 
     def retry_after_ms(self) -> int:
         return 250 + 50 * self._depth // max(1, self._workers_ready)
+
+    async def wait_ready(self, workers: int = 1) -> None:
+        """Wait until ``workers`` workers send heartbeats."""
+        while self.workers_ready < workers:
+            self._ready_changed.clear()
+            await self._ready_changed.wait()
 
     async def start(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -206,16 +218,18 @@ class RedisJobQueue:
         job = followed.ticket.job
         body, data = encode_job(job)
         try:
-            seq, entry_id = await self._enqueue(
-                keys=[keys.JOBS_ADDED, keys.JOBS, keys.job_reply(job.job_id)],
-                args=[body, data, self.gateway_id, keys.JOB_TTL_S, time.time()],
+            seq, entry_id, taken, generation = await self._enqueue(
+                keys=[keys.JOBS_ADDED, keys.JOBS, keys.job_reply(job.job_id), keys.JOBS_TAKEN,
+                      keys.GENERATION],
+                args=[body, data, self.gateway_id, keys.JOB_TTL_S, time.time(),
+                      secrets.token_hex(8)],
             )
         except (RedisError, OSError):
             self._finish(job.job_id, JobFailed(job.job_id, ErrorCode.BUSY,
                                                "the shared queue is unreachable; retry shortly"))
             return
-        followed.seq, followed.entry_id = int(seq), entry_id
-        followed.position = max(1, int(seq) - self._taken)
+        followed.seq, followed.entry_id, followed.generation = int(seq), entry_id, generation
+        followed.position = max(1, int(seq) - int(taken))
         followed.ticket.put(Queued(followed.position))
 
     async def _redirect(self, followed: _Followed) -> None:
@@ -224,6 +238,8 @@ class RedisJobQueue:
         try:
             await self._redis.set(keys.job_reply(job_id), self.gateway_id, ex=keys.JOB_TTL_S)
             outcome: Any = await self._redis.get(keys.job_outcome(job_id))
+            generation: Any = await self._redis.get(keys.GENERATION)
+            followed.generation = generation
         except (RedisError, OSError):
             self._finish(job_id, JobFailed(job_id, ErrorCode.BUSY,
                                            "the shared queue is unreachable; retry shortly"))
@@ -295,23 +311,23 @@ class RedisJobQueue:
             pipe.get(keys.JOBS_TAKEN)
             pipe.hgetall(keys.WORKERS)
             pipe.expire(self._events_key, keys.EVENTS_TTL_S)
-            pipe.info("server")
+            pipe.get(keys.GENERATION)
             replies: Any = await pipe.execute()
-        added, taken, workers, _, info = replies
+        added, taken, workers, _, generation = replies
         added, taken = int(added or 0), int(taken or 0)
-        run_id = info.get("run_id")
-        if self._run_id is not None and run_id != self._run_id:
-            self._lost_everything()
-        if self._run_id != run_id:
+        if generation is None:  # Redis is new or was restarted empty
             await ensure_group(self._redis)
-        self._run_id = run_id
+            await self._redis.set(keys.GENERATION, secrets.token_hex(8), nx=True)
+            generation = await self._redis.get(keys.GENERATION)
+        self._fail_lost(generation)
         self._taken = taken
         self._depth = max(0, added - taken)
         self._metrics.queue_depth.set(self._depth)
         now = time.time()
-        self._workers_ready = sum(
-            1 for beat in workers.values() if now - float(beat) < keys.WORKER_STALE_S
-        )
+        ready = sum(1 for beat in workers.values() if now - float(beat) < keys.WORKER_STALE_S)
+        if ready != self._workers_ready:
+            self._workers_ready = ready
+            self._ready_changed.set()
         self._metrics.workers_ready.set(self._workers_ready)
         for followed in self._followed.values():
             if followed.seq is not None:
@@ -320,11 +336,13 @@ class RedisJobQueue:
                     followed.position = position
                     followed.ticket.put(Queued(position))
 
-    def _lost_everything(self) -> None:
-        """Redis restarted empty: every job this gateway followed is gone with it."""
-        log.error("the shared queue was reset (Redis restarted); failing %d jobs",
-                  len(self._followed))
-        for job_id in list(self._followed):
+    def _fail_lost(self, generation: bytes) -> None:
+        """Jobs queued in an earlier life of Redis (it restarted empty) are gone with it."""
+        lost = [job_id for job_id, followed in self._followed.items()
+                if followed.generation is not None and followed.generation != generation]
+        if lost:
+            log.error("the shared queue was reset (Redis restarted); failing %d jobs", len(lost))
+        for job_id in lost:
             self._finish(job_id, JobFailed(job_id, ErrorCode.BUSY,
                                            "the shared queue was reset; send the image again"))
 

@@ -37,6 +37,9 @@ JOBS_ADDED = PREFIX + "jobs:added"
 """Counter: jobs ever queued (a job's sequence number is the value after its INCR)."""
 JOBS_TAKEN = PREFIX + "jobs:taken"
 """Counter: jobs ever taken by a worker (or withdrawn). Position = sequence - taken."""
+GENERATION = PREFIX + "generation"
+"""A random value set once per Redis lifetime: when it changes, Redis restarted empty and
+every job queued before is gone."""
 WORKERS = PREFIX + "workers"
 """Hash: worker name → wall time of its last heartbeat."""
 

@@ -1,0 +1,325 @@
+"""Scale-out through Redis: two gateways and two workers, only Redis between them.
+
+The gateways are separate app instances (each its own uvicorn, event loop and state, in this
+test process's threads); the workers are separate processes, as ``pixelstream worker`` runs
+them. They share nothing but a private redis-server this module starts on a free port, so
+it can stop and restart it without touching anyone else's Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis as redis_sync
+import websockets
+
+from server.pipeline.analyzers.colors import ColorsSpec
+from server.pipeline.stream_worker import StreamWorkerConfig, spawn_worker
+from server.settings import Settings
+from server.storage import keys
+from tests.conftest import WAIT_S, RunningServer, fast_settings, start_server, unique_image
+from tests.support.gate import GateSpec
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+
+class PrivateRedis:
+    """A redis-server of this module's own, that tests may stop and start again."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+        )
+        client = redis_sync.Redis(port=self.port)
+        deadline = time.monotonic() + WAIT_S
+        while True:  # a subprocess offers no readiness event: bounded polling
+            try:
+                client.ping()
+                return
+            except redis_sync.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(WAIT_S)
+
+    def client(self) -> redis_sync.Redis:
+        return redis_sync.Redis(port=self.port)
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.stop()
+
+
+@pytest.fixture
+def cluster(private_redis: PrivateRedis, gate: Any) -> Iterator[Callable[..., Cluster]]:
+    """Start gateways and workers on a freshly emptied Redis; all are stopped after."""
+    private_redis.client().flushall()
+    clusters: list[Cluster] = []
+
+    def make(gateways: int = 2, workers: int = 2, **overrides: Any) -> Cluster:
+        made = Cluster(private_redis, gate.lock_path, gateways, workers, overrides)
+        clusters.append(made)
+        return made
+
+    yield make
+    for made in clusters:
+        made.stop()
+
+
+class Cluster:
+    def __init__(self, redis_server: PrivateRedis, lock_path: str, gateways: int, workers: int,
+                 overrides: dict[str, Any]) -> None:
+        self.redis_server = redis_server
+        self.specs = (ColorsSpec(), GateSpec(lock_path))
+        self.settings: Settings = fast_settings(
+            redis_url=redis_server.url, workers=0, claim_idle_ms=1500, **overrides)
+        self.gateways: list[RunningServer] = [
+            start_server(self.settings, specs=self.specs) for _ in range(gateways)
+        ]
+        self.workers: list[Any] = [self.spawn_worker() for _ in range(workers)]
+        for gateway in self.gateways:
+            gateway.call(gateway.state.service.pool.wait_ready(workers))
+
+    def spawn_worker(self) -> Any:
+        config = StreamWorkerConfig(redis_url=self.redis_server.url, specs=self.specs,
+                                    max_batch_size=4, max_wait_ms=2, claim_idle_ms=1500)
+        return spawn_worker(config)
+
+    def worker_holding(self, job_count: int = 1) -> int | None:
+        """The pid of the worker that holds the pending jobs (consumer names are host-pid)."""
+        pending = self.redis_server.client().xpending(keys.JOBS, keys.JOBS_GROUP)
+        assert pending["pending"] == job_count, pending
+        holders = [c["name"].decode() for c in pending["consumers"] or [] if c["pending"]]
+        if not holders:
+            return None
+        assert len(holders) == 1
+        return int(holders[0].rsplit("-", 1)[1])
+
+    def stop(self) -> None:
+        for gateway in self.gateways:
+            gateway.stop()
+        for worker in self.workers:
+            worker.terminate()
+        for worker in self.workers:
+            worker.join(WAIT_S)
+
+
+def is_outcome(upload_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("id") == upload_id and m["type"] in ("result", "error")
+
+
+async def test_an_upload_begun_on_one_gateway_resumes_on_the_other(cluster, open_client
+                                                                    ) -> None:
+    one, two = cluster().gateways
+    data = unique_image(400, 300)
+    async with open_client(one.ws_url) as first:
+        await first.upload("u1", len(data), options={"colors": 2})
+        token = (await first.expect("accepted", id="u1"))["resume"]
+        await first.chunk("u1", 0, data[:20_000])
+        await first.expect("progress", id="u1", received=20_000)
+    async with open_client(two.ws_url) as second:
+        await second.upload("again", len(data), resume=token)
+        accepted = await second.expect("accepted", id="again")
+        assert accepted["offset"] == 20_000
+        await second.chunk("again", 20_000, data[20_000:])
+        messages = await second.messages_until(is_outcome("again"))
+    result = messages[-1]
+    assert result["type"] == "result", result
+    assert len(result["result"]["colors"]) <= 2  # the original upload's options
+    assert [m["stage"] for m in messages if m["type"] == "progress"][-2:] == [
+        "decoding", "inference"
+    ]
+
+
+async def test_an_upload_whose_socket_dropped_while_queued_gets_its_result_on_the_other(
+    cluster, open_client, gate
+) -> None:
+    one, two = cluster(workers=1).gateways
+    data = unique_image(300, 200)
+    async with open_client(one.ws_url) as holder, open_client(two.ws_url) as resumer:
+        with gate.closed():
+            await holder.send_upload("block", unique_image(), task="gate")
+            await holder.expect("progress", id="block", stage="decoding")
+            async with open_client(one.ws_url) as client:
+                token = (await client.send_upload("u1", data))["resume"]
+                queued = await client.expect("progress", id="u1", stage="queued")
+                assert queued["position"] == 1
+            # That socket is gone; its upload waits in the queue. Resume on the other gateway.
+            await resumer.upload("r", len(data), resume=token)
+            assert (await resumer.expect("accepted", id="r"))["offset"] == len(data)
+        outcome = await resumer.outcome("r")
+        await holder.outcome("block")
+    assert outcome["type"] == "result", outcome
+    assert outcome["image"]["width"] == 300
+
+
+async def test_queue_positions_are_real_across_gateways(cluster, open_client, gate) -> None:
+    one, two = cluster(workers=1).gateways
+    async with open_client(one.ws_url) as a, open_client(two.ws_url) as b:
+        with gate.closed():
+            await a.send_upload("block", unique_image(), task="gate")
+            await a.expect("progress", id="block", stage="decoding")
+            await a.send_upload("first", unique_image(), task="gate")
+            assert (await a.expect("progress", id="first", stage="queued"))["position"] == 1
+            await b.send_upload("second", unique_image(), task="gate")
+            assert (await b.expect("progress", id="second", stage="queued"))["position"] == 2
+        outcomes = [await a.outcome("block"), await a.outcome("first"), await b.outcome("second")]
+    assert [o["type"] for o in outcomes] == ["result"] * 3
+
+
+async def test_a_worker_killed_mid_job_loses_nothing_and_the_client_gets_one_result(
+    cluster, open_client, gate
+) -> None:
+    made = cluster(gateways=1, workers=2)
+    (gateway,) = made.gateways
+    async with open_client(gateway.ws_url) as client:
+        with gate.closed():
+            await client.send_upload("victim", unique_image(), task="gate")
+            await client.expect("progress", id="victim", stage="decoding")
+            victim_worker = made.worker_holding()
+            os.kill(victim_worker, signal.SIGKILL)
+        # The dead worker can answer nothing: a result means the other worker claimed the job
+        # (once it had been idle claim_idle_ms) and ran it.
+        messages = await client.messages_until(is_outcome("victim"))
+        assert made.worker_holding(job_count=0) != victim_worker
+        # A later upload's result is the next outcome: no second result for the victim.
+        await client.send_upload("after", unique_image())
+        messages += await client.messages_until(is_outcome("after"))
+    results = [m for m in messages if m["type"] == "result"]
+    assert [m["id"] for m in results] == ["victim", "after"]
+
+
+async def test_a_second_upload_through_the_other_gateway_is_cached(cluster, open_client) -> None:
+    one, two = cluster().gateways
+    data = unique_image(160, 120)
+    async with open_client(one.ws_url) as client:
+        await client.send_upload("first", data)
+        first = await client.outcome("first")
+    async with open_client(two.ws_url) as client:
+        await client.send_upload("second", data)
+        second = await client.outcome("second")
+    assert first["cached"] is False
+    assert second["cached"] is True
+    assert second["result"] == first["result"]
+
+
+async def test_a_rate_limit_holds_across_both_gateways(cluster, open_client) -> None:
+    one, two = cluster(workers=1, uploads_per_minute=3).gateways
+    async with open_client(one.ws_url) as a, open_client(two.ws_url) as b:
+        for client, upload_id in ((a, "a1"), (b, "b1"), (a, "a2")):
+            await client.upload(upload_id, 100)
+            await client.expect("accepted", id=upload_id)
+        await b.upload("b2", 100)
+        error = await b.expect("error", id="b2")
+    assert error["code"] == "rate_limited"
+    assert error["retry_after_ms"] > 0
+
+
+async def test_redis_going_away_gives_clear_errors_and_service_returns_by_itself(
+    cluster, open_client, private_redis
+) -> None:
+    made = cluster(gateways=1, workers=1)
+    (gateway,) = made.gateways
+    async with open_client(gateway.ws_url) as connected:
+        private_redis.stop()
+        try:
+            # A socket that is open: its messages are answered busy, with a retry hint.
+            await connected.upload("down", 100)
+            error = await connected.expect("error", id="down")
+            assert error["code"] == "busy"
+            assert error["retry_after_ms"] > 0
+            # A new socket is refused at the handshake with the same code.
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                async with open_client(gateway.ws_url):
+                    pass
+            assert refused.value.response.status_code == 503
+            assert orjson.loads(refused.value.response.body)["code"] == "busy"
+            async with httpx.AsyncClient() as http:
+                ready = await http.get(gateway.http_url + "/readyz")
+                image = base64.b64encode(unique_image()).decode()
+                analyze = await http.post(gateway.http_url + "/api/analyze", json={"image": image})
+            assert ready.status_code == 503
+            assert ready.json()["store"] is False
+            assert (analyze.status_code, analyze.json()["code"]) == (503, "busy")
+        finally:
+            private_redis.start()
+    gateway.call(gateway.state.service.pool.wait_ready())  # the worker came back by itself
+    async with open_client(gateway.ws_url) as client:
+        await client.send_upload("up", unique_image())
+        outcome = await client.outcome("up")
+    assert outcome["type"] == "result", outcome
+    assert made.workers[0].is_alive()
+
+
+def test_the_documented_recipe_runs_with_the_real_commands(private_redis, tmp_path: Path
+                                                           ) -> None:
+    """`pixelstream worker` and two `pixelstream serve --workers 0`, as the README shows."""
+    private_redis.client().flushall()
+    pixelstream = str(Path(sys.executable).with_name("pixelstream"))
+    env = {**os.environ, "PIXELSTREAM_REDIS_URL": private_redis.url, "HF_HUB_OFFLINE": "1"}
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    processes = [subprocess.Popen([pixelstream, "worker", "--workers", "1"], env=env,
+                                  stderr=subprocess.DEVNULL)]
+    processes += [subprocess.Popen([pixelstream, "serve", "--workers", "0", "--port", str(port),
+                                    "--log-level", "warning"], env=env,
+                                   stderr=subprocess.DEVNULL) for port in ports]
+    try:
+        image = base64.b64encode(unique_image(64, 64, "JPEG")).decode()
+        answers = []
+        for port in ports:
+            deadline = time.monotonic() + 120
+            while True:  # subprocesses: bounded polling of their readiness route
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "a gateway did not become ready"
+                assert all(p.poll() is None for p in processes), "a process exited"
+                time.sleep(0.2)
+            answers.append(httpx.post(f"http://127.0.0.1:{port}/api/analyze",
+                                      json={"image": image, "task": "colors"}, timeout=60))
+        assert [a.status_code for a in answers] == [200, 200]
+        assert [a.json()["cached"] for a in answers] == [False, True]
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(60)
