@@ -354,6 +354,8 @@ def _error(obj: dict[str, Any]) -> Error:
     )
 
 
+_STAGES: Final = frozenset(stage.value for stage in Stage)
+
 _SERVER_PARSERS: Final[dict[str, Any]] = {
     "welcome": lambda o: Welcome(
         session=o["session"],
@@ -382,13 +384,14 @@ _SERVER_PARSERS: Final[dict[str, Any]] = {
 
 
 def parse_server(data: str | bytes) -> ServerMessage:
-    """Parse one text frame from the server. Unknown types become :class:`UnknownMessage`.
+    """Parse one text frame from the server. Unknown types, and progress stages added after
+    this client was written, become :class:`UnknownMessage` (a v1 client ignores them).
 
     Raises ProtocolError(bad_message) when a known message lacks a required field.
     """
     obj = _load_object(data)
     parser = _SERVER_PARSERS.get(obj.get("type", ""))
-    if parser is None:
+    if parser is None or (obj["type"] == "progress" and obj.get("stage") not in _STAGES):
         return UnknownMessage(raw=obj)
     try:
         message: ServerMessage = parser(obj)

@@ -3,6 +3,7 @@
 ``pixelstream serve`` runs the service on embedded defaults; every setting is a flag
 (``--max-chunk-bytes``) and a variable (``PIXELSTREAM_MAX_CHUNK_BYTES``), flags winning.
 ``pixelstream model prepare`` builds the bundled model's folder ahead of time.
+``pixelstream upload``, ``camera`` and ``analyze`` are the client's (:mod:`chunking.cli`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from chunking.cli import CLIENT_COMMANDS, add_client_commands, run_client_command
 from server.settings import ENV_PREFIX, Settings
 
 
@@ -53,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_commands.add_parser("prepare", help="build the default model folder")
     prepare.add_argument("--dir", type=Path, default=None, help="target folder")
     prepare.add_argument("--force", action="store_true", help="rebuild even if present")
+    add_client_commands(commands)
     return parser
 
 
@@ -125,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(args)
         if args.command == "model":
             return prepare_model(args)
+        if args.command in CLIENT_COMMANDS:
+            return run_client_command(args)
         if args.command == "worker":
             return run_workers(args)
     except ValueError as exc:  # a setting that does not parse or fit

@@ -107,6 +107,8 @@ def test_server_messages_round_trip_and_omit_absent_fields() -> None:
 
 def test_unknown_server_types_are_kept_for_the_client_to_ignore() -> None:
     assert parse_server(b'{"type": "hint", "x": 1}') == UnknownMessage(raw={"type": "hint", "x": 1})
+    later_stage = {"type": "progress", "id": "u1", "stage": "resizing"}
+    assert parse_server(orjson.dumps(later_stage)) == UnknownMessage(raw=later_stage)
 
 
 def test_unknown_error_codes_from_a_newer_server_read_as_internal() -> None:
