@@ -98,8 +98,10 @@ class _Fields:
         self.seq: int | None = None
 
     def fail(self, code: ErrorCode, message: str, **extra: Any) -> ProtocolError:
+        kind = self.obj.get("type")
         return ProtocolError(
-            code, message, upload_id=self.upload_id, stream=self.stream, seq=self.seq, **extra
+            code, message, upload_id=self.upload_id, stream=self.stream, seq=self.seq,
+            message_type=kind if isinstance(kind, str) else None, **extra
         )
 
     def bad(self, message: str) -> ProtocolError:

@@ -6,6 +6,7 @@ Codes are part of the wire protocol (PROTOCOL.md's table): add new ones, never r
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -50,6 +51,7 @@ class ProtocolError(Exception):
         seq: int | None = None,
         expected: int | None = None,
         retry_after_ms: int | None = None,
+        message_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -59,9 +61,21 @@ class ProtocolError(Exception):
         self.seq = seq
         self.expected = expected
         self.retry_after_ms = retry_after_ms
+        self.message_type = message_type
+        """The ``type`` of the message that caused it, when it was readable (not on the wire)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields: rebuild through a helper so the error survives pickling.
+        return (_rebuild, (self.code, self.message, dict(self.__dict__)))
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code.value!r}, {self.message!r})"
+
+
+def _rebuild(code: ErrorCode, message: str, state: dict[str, Any]) -> ProtocolError:
+    error = ProtocolError(code, message)
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidTransition(Exception):

@@ -232,6 +232,25 @@ def test_malformed_text_messages_get_their_code(
     assert caught.value.seq == names.get("seq")
 
 
+def test_errors_name_the_type_of_the_message_that_caused_them() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_text(text({"type": "chunk", "id": "u1", "offset": 0, "data": "!!"}), LIMITS)
+    assert caught.value.message_type == "chunk"
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_text(b"[]", LIMITS)
+    assert caught.value.message_type is None
+
+
+def test_protocol_errors_survive_pickling() -> None:
+    import pickle
+
+    error = ProtocolError(ErrorCode.BUSY, "later", upload_id="u", retry_after_ms=250)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.code, copy.message, copy.upload_id, copy.retry_after_ms) == (
+        ErrorCode.BUSY, "later", "u", 250
+    )
+
+
 def test_an_oversized_base64_chunk_is_refused_before_it_is_decoded() -> None:
     # Not valid Base64 at all: only a size check made before decoding can answer too_large.
     wire = text({"type": "chunk", "id": "u1", "offset": 0, "data": "!" * 10_000})
