@@ -197,15 +197,18 @@ class Session:
         await self.outbox.drained()
 
     def _with_ids(self, exc: ProtocolError, message: ClientMessage | None) -> ProtocolError:
-        """Name the upload or frame an error concerns (and, for chunks, where to resume)."""
+        """Name the upload or frame an error concerns, and, for a chunk refused before the
+        offset rules (too large, bad Base64, rate-limited), where the client must resume."""
         if isinstance(message, (Upload, Chunk, Cancel)) and exc.upload_id is None:
             exc.upload_id = message.id
         if isinstance(message, Frame) and exc.stream is None:
             exc.stream, exc.seq = message.stream, message.seq
+        is_chunk = isinstance(message, Chunk) or exc.message_type == "chunk"
         if (
-            isinstance(message, Chunk)
-            and exc.code is ErrorCode.RATE_LIMITED
-            and (live := self.uploads.get(message.id)) is not None
+            is_chunk
+            and exc.expected is None
+            and exc.upload_id is not None
+            and (live := self.uploads.get(exc.upload_id)) is not None
         ):
             exc.expected = live.handle.received if live.handle is not None else live.meta.size
         return exc

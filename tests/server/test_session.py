@@ -115,13 +115,18 @@ async def test_oversized_chunk_and_bad_base64_are_refused_without_closing(
     async with open_client(colors_server.ws_url) as client:
         await client.upload("u1", len(image))
         await client.expect("accepted", id="u1")
-        await client.chunk("u1", 0, b"x" * (limit + 1))
-        assert (await client.expect("error", id="u1"))["code"] == "too_large"
-        await client.chunk("u1", 0, b"x" * (limit + 1), binary=False)
-        assert (await client.expect("error", id="u1"))["code"] == "too_large"
-        await client.send({"type": "chunk", "id": "u1", "offset": 0, "data": "not base64!"})
-        assert (await client.expect("error", id="u1"))["code"] == "bad_base64"
-        await client.chunk("u1", 0, image, binary=False)
+        await client.chunk("u1", 0, image[:1000])
+        await client.expect("progress", id="u1", received=1000)
+        await client.chunk("u1", 1000, b"x" * (limit + 1))
+        error = await client.expect("error", id="u1")
+        assert (error["code"], error["expected"]) == ("too_large", 1000)
+        await client.chunk("u1", 1000, b"x" * (limit + 1), binary=False)
+        error = await client.expect("error", id="u1")
+        assert (error["code"], error["expected"]) == ("too_large", 1000)
+        await client.send({"type": "chunk", "id": "u1", "offset": 1000, "data": "not base64!"})
+        error = await client.expect("error", id="u1")
+        assert (error["code"], error["expected"]) == ("bad_base64", 1000)
+        await client.chunk("u1", 1000, image[1000:], binary=False)
         assert (await client.outcome("u1"))["type"] == "result"
 
 
