@@ -17,6 +17,7 @@ does not allow, so stages can be skipped but never reordered, and nothing follow
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, Protocol
@@ -87,9 +88,17 @@ class Reassembler:
     ``received`` may start above zero when the bytes so far were restored from a store (a
     resumed upload); then pass the ``hasher`` holding those bytes' hash state, or none, and
     the whole buffer is hashed once in :meth:`finish`.
+
+    ``writer(offset, data)``, when given, places the bytes instead of a copy into ``buffer``
+    (which must then show what it wrote: ``os.pwrite`` to the file under a memory map does).
+    Unlike a memoryview copy, ``os.pwrite`` and ``hashlib`` release the GIL for large buffers,
+    so a caller may run :meth:`receive` in a thread, off its event loop; one call at a time.
     """
 
-    __slots__ = ("_buffer", "_expected_sha256", "_hasher", "_view", "received", "size", "upload_id")
+    __slots__ = (
+        "_buffer", "_expected_sha256", "_hasher", "_view", "_writer", "received", "size",
+        "upload_id",
+    )
 
     def __init__(
         self,
@@ -100,6 +109,7 @@ class Reassembler:
         buffer: WritableBuffer | None = None,
         received: int = 0,
         hasher: hashlib._Hash | None = None,
+        writer: Callable[[int, Payload], object] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -118,6 +128,7 @@ class Reassembler:
         if hasher is None and received == 0:
             hasher = hashlib.sha256()
         self._hasher = hasher
+        self._writer = writer
 
     @property
     def complete(self) -> bool:
@@ -137,7 +148,10 @@ class Reassembler:
             return Replayed(received=self.received, total=self.size)
         end = chunk.offset + len(chunk.data)
         if end > chunk.offset:
-            self._view[chunk.offset : end] = chunk.data
+            if self._writer is None:
+                self._view[chunk.offset : end] = chunk.data
+            else:
+                self._writer(chunk.offset, chunk.data)
             if self._hasher is not None:
                 self._hasher.update(chunk.data)
             self.received = end

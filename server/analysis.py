@@ -47,6 +47,10 @@ class AnalysisService:
         self.cache = cache
         self.metrics = metrics
         self.max_pixels = max_pixels
+        self.handing_back = False
+        """Set when a gateway on a shared queue shuts down: analyses cancelled from then on
+        leave their jobs queued (for the gateway their clients resume on) instead of
+        withdrawing them."""
 
     @property
     def tasks(self) -> list[str]:
@@ -70,11 +74,15 @@ class AnalysisService:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
 
     @staticmethod
-    def cache_key(sha256: str, spec: TaskSpec, options: Mapping[str, Any]) -> str:
-        canonical = orjson.dumps(
-            {"task": spec.task, "model": spec.model_id, "options": options},
-            option=orjson.OPT_SORT_KEYS,
-        )
+    def cache_key(sha256: str, spec: TaskSpec, options: Mapping[str, Any],
+                  principal: str | None = None) -> str:
+        """The result's key: the image, task, model and options, and the principal when the
+        server has tokens, so that a client cannot learn (from ``cached: true``, or from the
+        answer to a bare checksum) what another client analysed."""
+        described: dict[str, Any] = {"task": spec.task, "model": spec.model_id, "options": options}
+        if principal is not None:
+            described["principal"] = principal
+        canonical = orjson.dumps(described, option=orjson.OPT_SORT_KEYS)
         return f"{sha256}:{hashlib.sha256(canonical).hexdigest()[:32]}"
 
     async def lookup(self, key: str) -> dict[str, Any] | None:
@@ -144,7 +152,8 @@ class AnalysisService:
                     )
                     raise ProtocolError(event.code, event.message, retry_after_ms=retry_after_ms)
         finally:
-            ticket.cancel()
+            if not self.handing_back:
+                ticket.cancel()
         raise ProtocolError(ErrorCode.INTERNAL, "the job ended without an outcome")
 
 

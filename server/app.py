@@ -16,11 +16,13 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from server import http_api, ws
 from server.analysis import AnalysisService
 from server.auth import TokenAuth
-from server.limits import ClientLimits, KeyedBuckets
+from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
+from server.logs import install_redaction
 from server.metrics import Metrics
 from server.pipeline.analyzers.base import TaskSpec
 from server.pipeline.analyzers.classify import ClassifySpec
@@ -104,6 +106,7 @@ def _embedded_backends(settings: Settings, specs: tuple[TaskSpec, ...], metrics:
         max_wait_ms=settings.max_wait_ms,
         max_queue=settings.max_queue,
         metrics=metrics,
+        job_timeout_s=settings.job_timeout_s or None,
     )
     return store, LruResultCache(settings.cache_entries), pool, MemoryRateLimiter()
 
@@ -143,6 +146,14 @@ async def _sweep(state: AppState) -> None:
             log.exception("expiring idle uploads failed")
 
 
+async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> None:
+    flat = [t for item in tasks for t in (item if isinstance(item, set) else {item})]
+    for task in flat:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*flat, return_exceptions=True)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -178,27 +189,62 @@ def create_app(
                     uploads_per_minute=settings.uploads_per_minute,
                     bytes_per_minute=settings.bytes_per_minute,
                 ),
+                budget=MemoryBudget(settings.memory_budget_bytes,
+                                    on_change=metrics.memory_changed),
+                uploads_in_memory=not settings.redis_url,
             )
             app.state.pixelstream = state
+            stopped = False
+
+            async def stop_queue() -> None:
+                nonlocal stopped
+                if not stopped:
+                    stopped = True
+                    await queue.stop(grace_s=settings.shutdown_grace_s)
+
             await queue.start()
-            stack.push_async_callback(queue.stop)
+            stack.push_async_callback(stop_queue)
             sweeper = asyncio.create_task(_sweep(state), name="expire-idle-uploads")
             try:
                 yield
             finally:
+                # uvicorn has stopped accepting, closed every socket with 1012 and given HTTP
+                # requests shutdown_grace_s. Now the jobs.
+                # * Shared queue (Redis): jobs and their images stay in Redis for other workers
+                #   and for the gateway the clients resume on; this one stops following them
+                #   (``stopping`` tells the analyses not to free their images).
+                # * In-process: running jobs finish within the grace (workers end their batch),
+                #   queued ones fail ``busy``; then the analyses waiting on them end.
                 sweeper.cancel()
-                for task in list(state.background):
-                    task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.gather(sweeper, *state.background, return_exceptions=True)
+                state.stopping = True
+                if settings.redis_url:
+                    service.handing_back = True
+                    await _cancel_all(sweeper, state.background)
+                await stop_queue()
+                await _cancel_all(sweeper, state.background)
 
+    auth = TokenAuth.from_settings(settings.api_tokens, settings.api_tokens_file)
+    install_redaction(settings.api_tokens)  # request lines and headers are logged scrubbed
     app = FastAPI(
         title="pixelstream",
         summary="AI image understanding over WebSockets",
         lifespan=lifespan,
     )
-    app.state.auth = TokenAuth(settings.api_tokens)
+    app.state.auth = auth
     app.state.settings = settings
+    app.add_middleware(http_api.RequestIds)
+    if settings.allowed_origins:
+        # CORS for the HTTP routes from the socket's allow-list. Without a list only the
+        # server's own origin may use them (no CORS headers needed, none sent).
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "X-Request-ID"],
+            allow_credentials=False,
+            max_age=600,
+        )
     app.include_router(ws.router)
     app.include_router(http_api.router)
     # The demo page's assets; static/client links to client_js/src, so the page loads the

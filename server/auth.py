@@ -1,28 +1,68 @@
 """API tokens and the browser Origin check.
 
-A principal is a token's SHA-256 prefix: uploads are bound to it, and it can appear in logs
-where the token itself never does.
+A principal is a token's SHA-256 prefix: uploads, resume tokens and cached results are bound
+to it, and it can appear in logs where the token itself never does. Tokens come as plain text
+(``api_tokens``) or as their SHA-256 digests in a file (``api_tokens_file``); either way only
+digests are kept, so the same token has the same principal in both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def principal_of(token: str) -> str:
-    return "tok_" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return _principal_of_digest(hashlib.sha256(token.encode()).digest())
+
+
+def _principal_of_digest(digest: bytes) -> str:
+    return "tok_" + digest.hex()[:16]
+
+
+def read_token_digests(path: Path) -> list[bytes]:
+    """The SHA-256 digests in a tokens file: one hex digest a line; blank lines and anything
+    after ``#`` are ignored. Raises ValueError naming the file and line (never its text)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"api_tokens_file {path}: cannot be read ({type(exc).__name__})") from None
+    digests = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        value = line.split("#", 1)[0].strip()
+        if not value:
+            continue
+        if value.lower().startswith("sha256:"):
+            value = value[len("sha256:"):]
+        if not _HEX_DIGEST.fullmatch(value):
+            raise ValueError(
+                f"api_tokens_file {path}, line {number}: not a SHA-256 digest (64 hex digits)"
+            )
+        digests.append(bytes.fromhex(value))
+    if not digests:
+        raise ValueError(f"api_tokens_file {path}: holds no token digests")
+    return digests
 
 
 class TokenAuth:
     """Checks presented tokens against the configured ones, in constant time."""
 
-    def __init__(self, tokens: Iterable[str]) -> None:
+    def __init__(self, tokens: Iterable[str], digests: Iterable[bytes] = ()) -> None:
         self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens if t]
+        self._digests += [bytes(d) for d in digests]
+
+    @classmethod
+    def from_settings(cls, tokens: Iterable[str], tokens_file: Path | None) -> TokenAuth:
+        return cls(tokens, read_token_digests(tokens_file) if tokens_file is not None else ())
 
     @property
     def required(self) -> bool:
@@ -37,7 +77,7 @@ class TokenAuth:
         matched = False
         for known in self._digests:
             matched |= hmac.compare_digest(digest, known)
-        return principal_of(presented) if matched else None
+        return _principal_of_digest(digest) if matched else None
 
 
 def presented_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:

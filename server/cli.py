@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from chunking.cli import CLIENT_COMMANDS, add_client_commands, run_client_command
+from server.logs import configure_logging
 from server.settings import ENV_PREFIX, Settings
 
 
@@ -59,20 +59,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+H11_MAX_HEAD_BYTES = 64 * 1024
+"""The largest request head (request line and headers) the server buffers: 431/400 beyond."""
+KEEP_ALIVE_S = 5
+
+
 def uvicorn_config(settings: Settings) -> dict[str, Any]:
     """uvicorn settings for large uploads: no compression (it makes ingest 20-60x slower),
-    a message limit derived from max_chunk_bytes, the sans-I/O websockets implementation."""
+    a message limit derived from max_chunk_bytes, the sans-I/O websockets implementation;
+    and for hostile peers: h11 with a bounded head that must arrive in time, WebSocket pings
+    that drop peers which stop answering, a bounded graceful shutdown. Logging is the
+    app's (:mod:`server.logs`), not uvicorn's own configuration."""
+    from server.guards import guarded_h11
+
     return {
         "host": settings.host,
         "port": settings.port,
+        "http": guarded_h11(settings.http_header_timeout_s),
+        "h11_max_incomplete_event_size": H11_MAX_HEAD_BYTES,
+        "timeout_keep_alive": KEEP_ALIVE_S,
         "ws": "websockets-sansio",
         "ws_per_message_deflate": False,
         "ws_max_size": settings.limits.max_message_bytes,
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_interval_s,
         "log_level": settings.log_level,
+        "log_config": None,
         "proxy_headers": True,
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         "lifespan": "on",
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
     }
 
 
@@ -83,9 +99,7 @@ def serve(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format, settings.api_tokens)
     uvicorn.run(create_app(settings), **uvicorn_config(settings))
     return 0
 
@@ -101,9 +115,7 @@ def run_workers(args: argparse.Namespace) -> int:
         print("error: pixelstream worker needs --redis-url (or PIXELSTREAM_REDIS_URL)",
               file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     specs = default_specs(settings)
     _prepare_models_sync(specs)
     return supervise(stream_worker_config(settings, specs), max(1, settings.workers))

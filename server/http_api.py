@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any, BinaryIO
 
 import orjson
 import pybase64
 from fastapi import APIRouter, Request
-from starlette.datastructures import UploadFile
+from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chunking.errors import ErrorCode, ProtocolError
-from server.auth import TokenAuth, presented_token
+from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import error_response
+from server.logs import current_context, log_context
 from server.pipeline.analyzers.base import TaskSpec
 from server.state import AppState
 from server.storage.base import ImageRef
@@ -32,21 +37,30 @@ def _state(request: Request) -> AppState:
     return state
 
 
-async def _guard(request: Request, app: AppState) -> None:
-    """Token (when configured), per-client rate limit and capacity, before the body is read."""
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``http_body_timeout_s`` (answered 408)."""
+
+
+async def _guard(request: Request, app: AppState) -> str | None:
+    """Origin, token (when configured), per-client rate limit and capacity, before the body
+    is read. Returns the caller's principal (None without tokens)."""
+    if not origin_allowed(request.headers.get("origin"), request.headers.get("host"),
+                          app.settings.allowed_origins):
+        raise ProtocolError(ErrorCode.FORBIDDEN_ORIGIN, "this origin may not use the API")
     auth: TokenAuth = request.app.state.auth
-    token = presented_token(request.headers, request.query_params)
-    if auth.required and auth.principal(token) is None:
+    principal = auth.principal(presented_token(request.headers, request.query_params))
+    if auth.required and principal is None:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "a valid API token is required")
     address = request.client.host if request.client else "unknown"
     wait_ms = app.http_buckets.take(address)
     if wait_ms:
         raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests", retry_after_ms=wait_ms)
     app.service.check_capacity()
-    await app.client_limits.upload_started(auth.principal(token) or address)
+    await app.client_limits.upload_started(principal or address)
+    return principal
 
 
-def _declared_length(request: Request, limit: int) -> None:
+def _declared_length(request: Request, limit: int) -> int:
     raw = request.headers.get("content-length")
     if raw is None:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a Content-Length header is required")
@@ -56,6 +70,29 @@ def _declared_length(request: Request, limit: int) -> None:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "Content-Length is not a number") from None
     if length > limit:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"the request exceeds {limit} bytes")
+    return max(0, length)
+
+
+@contextlib.asynccontextmanager
+async def _reserved(app: AppState, amount: int) -> AsyncIterator[None]:
+    """Hold ``amount`` of the memory budget for the request, or answer ``busy``."""
+    if not app.budget.reserve(amount):
+        raise ProtocolError(ErrorCode.BUSY, "the server holds all the request bytes it may",
+                            retry_after_ms=app.service.pool.retry_after_ms())
+    try:
+        yield
+    finally:
+        app.budget.release(amount)
+
+
+@contextlib.asynccontextmanager
+async def _body_deadline(app: AppState) -> AsyncIterator[None]:
+    """The body must arrive within ``http_body_timeout_s`` (a client trickling it is cut)."""
+    try:
+        async with asyncio.timeout(app.settings.http_body_timeout_s):
+            yield
+    except TimeoutError:
+        raise BodyTimeout from None
 
 
 async def _read_body(request: Request, limit: int) -> bytearray:
@@ -77,9 +114,9 @@ def _options(value: Any) -> dict[str, Any]:
 
 
 async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: TaskSpec,
-                   options: dict[str, Any]) -> JSONResponse:
+                   options: dict[str, Any], principal: str | None) -> JSONResponse:
     service = app.service
-    key = service.cache_key(sha256, spec, options)
+    key = service.cache_key(sha256, spec, options, principal)
     payload = await service.lookup(key)
     timings: dict[str, float] = {}
     cached = payload is not None
@@ -90,29 +127,61 @@ async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: TaskSpec,
 
 
 async def _stage_and_analyze(app: AppState, source: BinaryIO | bytes, size: int,
-                             spec: TaskSpec, options: dict[str, Any]) -> JSONResponse:
+                             spec: TaskSpec, options: dict[str, Any],
+                             principal: str | None) -> JSONResponse:
     """Put the image where workers read it (hashing it on the way), analyse, free it."""
     store = app.store
     staged = await store.stage_image(source, size)
     try:
-        return await _analyze(app, staged.image, staged.sha256, spec, options)
+        return await _analyze(app, staged.image, staged.sha256, spec, options, principal)
     finally:
         await store.release(staged.image)
 
 
+class RequestIds:
+    """ASGI middleware: every HTTP request gets an id, in its log records (uvicorn's access
+    line included) and in the ``X-Request-ID`` response header; ``internal`` answers cite it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = secrets.token_hex(8)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        with log_context(request=request_id):
+            await self.app(scope, receive, send_with_id)
+
+
 async def _answer(request: Request, handler: Any) -> Response:
     app = _state(request)
+    request_id = current_context().get("request", "-")
     try:
         response: Response = await handler(app)
     except ProtocolError as exc:
         app.metrics.errors.labels(exc.code.value).inc()
         response = error_response(exc)
-    except Exception:  # a fault: PROTOCOL.md's ``internal`` answer, details only in the log
-        log.exception("%s %s failed", request.method, request.url.path)
-        app.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
-        response = error_response(
-            ProtocolError(ErrorCode.INTERNAL, "the server failed to process the request")
+    except BodyTimeout:
+        app.metrics.errors.labels(ErrorCode.BAD_MESSAGE.value).inc()
+        limit = app.settings.http_body_timeout_s
+        response = JSONResponse(
+            {"code": ErrorCode.BAD_MESSAGE.value,
+             "message": f"the request body did not arrive within {limit:g} s"},
+            status_code=408, headers={"Connection": "close"},
         )
+    except Exception:  # a fault: PROTOCOL.md's ``internal`` answer, details only in the log
+        log.exception("%s %s failed (ref %s)", request.method, request.url.path, request_id)
+        app.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
+        response = error_response(ProtocolError(
+            ErrorCode.INTERNAL, f"the server failed to process the request (ref {request_id})"
+        ))
     app.metrics.http_requests.labels(str(response.status_code)).inc()
     return response
 
@@ -122,37 +191,48 @@ async def analyze_json(request: Request) -> Response:
     """``{"image": "<base64>", "task": ..., "options": {...}}`` → the result object."""
 
     async def handle(app: AppState) -> Response:
-        await _guard(request, app)
+        principal = await _guard(request, app)
         max_chars = -(-app.limits.max_image_bytes // 3) * 4
-        body = await _read_body(request, max_chars + 65536)
-        try:
-            request_obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "the body is not valid JSON") from None
-        del body
-        if not isinstance(request_obj, dict):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "the body must be a JSON object")
-        encoded = request_obj.get("image")
-        if not isinstance(encoded, str):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "'image' must be a Base64 string")
-        if len(encoded) > max_chars:
-            raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
-        task = request_obj.get("task")
-        if task is not None and not isinstance(task, str):
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "'task' must be a string")
-        spec, options = app.service.resolve(task, _options(request_obj.get("options")))
-        try:
-            data = pybase64.b64decode(encoded, validate=True)
-        except (ValueError, TypeError):
-            raise ProtocolError(ErrorCode.BAD_BASE64, "'image' is not valid Base64") from None
-        del encoded, request_obj
-        if not data:
-            raise ProtocolError(ErrorCode.INVALID_IMAGE, "the image is empty")
-        if len(data) > app.limits.max_image_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
-        return await _stage_and_analyze(app, data, len(data), spec, options)
+        length = _declared_length(request, max_chars + 65536)
+        # The body, then its parsed text, then the decoded image: about twice the body at once.
+        async with _reserved(app, 2 * length):
+            return await _analyze_body(request, app, max_chars, principal)
 
     return await _answer(request, handle)
+
+
+async def _analyze_body(request: Request, app: AppState, max_chars: int,
+                        principal: str | None) -> Response:
+    """The JSON route's work: read the body (against its deadline), parse it, analyse. Each
+    large intermediate is dropped as soon as the next exists."""
+    async with _body_deadline(app):
+        body = await _read_body(request, max_chars + 65536)
+    try:
+        request_obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "the body is not valid JSON") from None
+    del body
+    if not isinstance(request_obj, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "the body must be a JSON object")
+    encoded = request_obj.get("image")
+    if not isinstance(encoded, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'image' must be a Base64 string")
+    if len(encoded) > max_chars:
+        raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
+    task = request_obj.get("task")
+    if task is not None and not isinstance(task, str):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "'task' must be a string")
+    spec, options = app.service.resolve(task, _options(request_obj.get("options")))
+    try:
+        data = pybase64.b64decode(encoded, validate=True)
+    except (ValueError, TypeError):
+        raise ProtocolError(ErrorCode.BAD_BASE64, "'image' is not valid Base64") from None
+    del encoded, request_obj
+    if not data:
+        raise ProtocolError(ErrorCode.INVALID_IMAGE, "the image is empty")
+    if len(data) > app.limits.max_image_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
+    return await _stage_and_analyze(app, data, len(data), spec, options, principal)
 
 
 @router.post("/v1/analyze")
@@ -160,38 +240,47 @@ async def analyze_multipart(request: Request) -> Response:
     """Multipart form: ``file`` (the image), optional ``task`` and ``options`` (JSON)."""
 
     async def handle(app: AppState) -> Response:
-        await _guard(request, app)
-        _declared_length(request, app.limits.max_image_bytes + _FORM_OVERHEAD)
-        try:
-            form = await request.form(max_files=1, max_fields=8)
-        except Exception as exc:  # python-multipart's and Starlette's parse errors
-            raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"not a valid multipart form: {exc}"
-            ) from None
-        try:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "the form needs a 'file' field")
-            task = form.get("task")
-            raw_options = form.get("options")
+        principal = await _guard(request, app)
+        length = _declared_length(request, app.limits.max_image_bytes + _FORM_OVERHEAD)
+        async with _reserved(app, length):  # the file (Starlette spools it) staged once
             try:
-                options = orjson.loads(raw_options) if isinstance(raw_options, str) else None
-            except orjson.JSONDecodeError:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "'options' must be JSON") from None
-            spec, options = app.service.resolve(
-                task if isinstance(task, str) else None, _options(options)
-            )
-            size = upload.size
-            if size is None or size < 1:
-                raise ProtocolError(ErrorCode.INVALID_IMAGE, "the file is empty")
-            if size > app.limits.max_image_bytes:
-                raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
-            await upload.seek(0)
-            return await _stage_and_analyze(app, upload.file, size, spec, options)
-        finally:
-            await form.close()
+                async with _body_deadline(app):
+                    form = await request.form(max_files=1, max_fields=8)
+            except BodyTimeout:
+                raise
+            except Exception as exc:  # python-multipart's and Starlette's parse errors
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE, f"not a valid multipart form: {exc}"
+                ) from None
+            return await _analyze_form(app, form, principal)
 
     return await _answer(request, handle)
+
+
+async def _analyze_form(app: AppState, form: Any, principal: str | None) -> Response:
+    """The multipart route's work once its form is parsed (and closed afterwards)."""
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "the form needs a 'file' field")
+        task = form.get("task")
+        raw_options = form.get("options")
+        try:
+            options = orjson.loads(raw_options) if isinstance(raw_options, str) else None
+        except orjson.JSONDecodeError:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "'options' must be JSON") from None
+        spec, options = app.service.resolve(
+            task if isinstance(task, str) else None, _options(options)
+        )
+        size = upload.size
+        if size is None or size < 1:
+            raise ProtocolError(ErrorCode.INVALID_IMAGE, "the file is empty")
+        if size > app.limits.max_image_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
+        await upload.seek(0)
+        return await _stage_and_analyze(app, upload.file, size, spec, options, principal)
+    finally:
+        await form.close()
 
 
 @router.get("/healthz")

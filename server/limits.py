@@ -1,7 +1,8 @@
-"""Rate limits: token buckets, per socket and per HTTP client."""
+"""Rate limits: token buckets, per socket and per HTTP client; the process's memory budget."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -100,3 +101,73 @@ class ClientLimits:
                 ErrorCode.RATE_LIMITED, f"over this client's budget of {limit} {what} per minute",
                 retry_after_ms=wait_ms,
             )
+
+
+class MemoryBudget:
+    """Bytes this process holds for clients, against one limit shared by every socket and
+    request. Two ways in:
+
+    * :meth:`reserve` for what can be refused: an upload reserves its declared size when it is
+      accepted (so every accepted upload can complete: nothing waits for memory it needs to
+      free memory), an HTTP body its declared length. False when it does not fit: ``busy``.
+    * :meth:`charge` for what is already here: a message just received, a frame kept to run
+      next. It may go over the limit; then :meth:`wait_for_room`, which every socket's reader
+      awaits before reading its next message, holds the readers (backpressure, down to the
+      kernel's TCP window) until :meth:`release` brings the total back under.
+
+    Everything charged is released by work that needs no further reads (a message handled, a
+    frame analysed, an upload analysed or discarded), so the readers always resume.
+    """
+
+    def __init__(self, limit: int, *, on_change: Callable[[int, int], None] | None = None) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self.waiting = 0
+        """Readers waiting for room now."""
+        self._room = asyncio.Event()
+        self._room.set()
+        self._on_change = on_change
+
+    @property
+    def over(self) -> bool:
+        return self.held >= self.limit
+
+    def reserve(self, amount: int) -> bool:
+        """Charge ``amount`` if it fits under the limit; False (nothing charged) if not."""
+        if self.held + amount > self.limit:
+            return False
+        self.charge(amount)
+        return True
+
+    def charge(self, amount: int) -> None:
+        self.held += amount
+        self.peak = max(self.peak, self.held)
+        if self.over:
+            self._room.clear()
+        self._changed()
+
+    def release(self, amount: int) -> None:
+        if amount <= 0:
+            return
+        self.held = max(0, self.held - amount)
+        if not self.over:
+            self._room.set()
+        self._changed()
+
+    async def wait_for_room(self) -> None:
+        """Return at once while under the limit; else once releases bring it under."""
+        if not self.over:
+            return
+        self.waiting += 1
+        self._changed()
+        try:
+            while self.over:
+                await self._room.wait()
+        finally:
+            self.waiting -= 1
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.held, self.waiting)

@@ -45,10 +45,34 @@ class Metrics:
             "pixelstream_batch_size", "Jobs per inference batch",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r,
         )
+        self.handshake_refusals = Counter(
+            "pixelstream_handshake_refusals", "WebSocket handshakes refused, by reason",
+            ["reason"], registry=r,
+        )
+        self.sockets_closed = Counter(
+            "pixelstream_sockets_closed", "WebSocket connections ended, by why", ["reason"],
+            registry=r,
+        )
+        self.memory_held = Gauge(
+            "pixelstream_memory_held_bytes",
+            "Bytes held for clients against memory_budget_bytes", registry=r,
+        )
+        self.reads_paused = Gauge(
+            "pixelstream_reads_paused",
+            "Sockets not being read because the memory budget is spent", registry=r,
+        )
+        self.worker_restarts = Counter(
+            "pixelstream_worker_restarts", "Inference workers replaced, by why", ["reason"],
+            registry=r,
+        )
         self.cache = Counter(
             "pixelstream_cache_lookups", "Result cache lookups by outcome", ["outcome"],
             registry=r,
         )
+
+    def memory_changed(self, held: int, waiting: int) -> None:
+        self.memory_held.set(held)
+        self.reads_paused.set(waiting)
 
     def observe_timings(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

@@ -47,6 +47,7 @@ from chunking.messages import (
 from chunking.reassembler import Appended, Lifecycle, UploadEvent, UploadState
 from server.analysis import upload_job_id
 from server.limits import TokenBucket
+from server.logs import bind_log_context
 from server.pipeline.analyzers.base import TaskSpec
 from server.state import AppState
 from server.storage.base import FinishedUpload, ImageRef, UploadHandle, UploadMeta
@@ -81,15 +82,25 @@ class Outbox:
     async def drained(self) -> None:
         await self._drained.wait()
 
+    def __len__(self) -> int:
+        return len(self._messages)
+
     async def run(self, websocket: WebSocket) -> None:
         """Send queued messages until cancelled (or the socket fails)."""
-        while True:
-            await self._ready.wait()
-            while self._messages:
-                await websocket.send_text(self._messages.popleft().decode())
-                if len(self._messages) <= self.high_water // 2:
-                    self._drained.set()
-            self._ready.clear()
+        try:
+            while True:
+                await self._ready.wait()
+                while self._messages:
+                    await websocket.send_text(self._messages.popleft().decode())
+                    if len(self._messages) <= self.high_water // 2:
+                        self._drained.set()
+                self._ready.clear()
+        finally:
+            # Nothing will drain the queue now: wake a reader waiting on drained(), so it sees
+            # the sender gone and ends the session (else it would wait for ever, holding the
+            # connection's place and its uploads).
+            self._messages.clear()
+            self._drained.set()
 
 
 @dataclass(eq=False)
@@ -113,6 +124,9 @@ class LiveUpload:
     analysis: asyncio.Task[None] | None = None
     store_owner: str = ""
     """The session key that owns the upload in the store (what ``discard`` must name)."""
+    reserved: int = 0
+    """Bytes of the memory budget this upload holds (its size, while this process keeps its
+    bytes); given back when it is forgotten or its image released."""
 
 
 @dataclass(eq=False)
@@ -135,7 +149,14 @@ class Session:
         self.streams: dict[str, _Stream] = {}
         settings = app.settings
         self.bucket = TokenBucket(settings.messages_per_second, settings.message_burst)
+        self.byte_bucket = TokenBucket(
+            settings.socket_bytes_per_second,
+            max(settings.socket_bytes_per_second, app.limits.max_message_bytes),
+        )
         self.closed = False
+        self.last_activity = time.monotonic()
+        """When the client last sent a message or was sent an outcome (for the idle timeout)."""
+        self.messages_received = 0
 
     # Entry points -----------------------------------------------------------------------------
 
@@ -147,10 +168,18 @@ class Session:
         )
 
     async def receive_text(self, text: str) -> None:
-        await self._receive(lambda: parse_client_text(text, self.app.limits))
+        await self._receive(lambda: parse_client_text(text, self.app.limits), len(text))
 
     async def receive_binary(self, data: bytes) -> None:
-        await self._receive(lambda: parse_client_binary(data, self.app.limits))
+        await self._receive(lambda: parse_client_binary(data, self.app.limits), len(data))
+
+    @property
+    def owes_replies(self) -> bool:
+        """True while the server owes this socket an outcome it is working on (an upload past
+        its last byte, a frame being analysed): the client may well be silent meanwhile."""
+        return any(
+            live.lifecycle.state is not UploadState.RECEIVING for live in self.uploads.values()
+        ) or any(stream.running is not None for stream in self.streams.values())
 
     def close(self) -> None:
         """The socket is gone: uploads wait for a resume, streams stop."""
@@ -162,21 +191,29 @@ class Session:
                 live.detached_at = now
         self.uploads.clear()
         for stream in self.streams.values():
-            stream.waiting = None
+            if stream.waiting is not None:
+                self.app.budget.release(len(stream.waiting[0].data))
+                stream.waiting = None
             if stream.running is not None:
-                stream.running.cancel()
+                stream.running.cancel()  # its task gives its frame's bytes back
         self.streams.clear()
 
     # Dispatch -----------------------------------------------------------------------------------
 
-    async def _receive(self, parse: Callable[[], ClientMessage]) -> None:
+    async def _receive(self, parse: Callable[[], ClientMessage], size: int) -> None:
+        self.messages_received += 1
+        self.last_activity = time.monotonic()
         wait_ms = self.bucket.take()  # every message counts, bad ones too
+        what = "messages"
+        if not wait_ms:
+            wait_ms = self.byte_bucket.take(size)
+            what = "bytes"
         message: ClientMessage | None = None
         try:
             message = parse()
             if wait_ms:
                 raise ProtocolError(
-                    ErrorCode.RATE_LIMITED, "too many messages on this socket; slow down",
+                    ErrorCode.RATE_LIMITED, f"too many {what} on this socket; slow down",
                     retry_after_ms=wait_ms,
                 )
             if isinstance(message, Chunk):
@@ -191,7 +228,8 @@ class Session:
             self.send_error(self._with_ids(exc, message))
         except Exception:
             reference = secrets.token_hex(4)
-            log.exception("unexpected fault handling a message (ref %s)", reference)
+            log.exception("unexpected fault handling a message (ref %s)", reference,
+                          extra={"ref": reference})
             fault = ProtocolError(ErrorCode.INTERNAL, f"unexpected server fault (ref {reference})")
             self.send_error(self._with_ids(fault, message))
         await self.outbox.drained()
@@ -215,6 +253,8 @@ class Session:
 
     def send(self, message: ServerMessage) -> None:
         if not self.closed:
+            if not isinstance(message, Progress):
+                self.last_activity = time.monotonic()  # an outcome: idleness counts from here
             self.outbox.send(message)
 
     def send_error(self, exc: ProtocolError) -> None:
@@ -253,16 +293,29 @@ class Session:
             sha256=message.sha256, name=message.name, principal=self.principal,
         )
         if message.sha256 is not None:
-            payload = await service.lookup(service.cache_key(message.sha256, spec, options))
+            key = service.cache_key(message.sha256, spec, options, self.principal)
+            payload = await service.lookup(key)
             if payload is not None:
                 # The client sends no chunks: its token names nothing, nothing is held.
                 self.send(Accepted(id=message.id, offset=message.size, resume=new_resume_token()))
                 self.send(Result(**payload, cached=True, timings_ms={}, id=message.id))
                 self.app.metrics.uploads.labels("cached").inc()
                 return
-        handle = await self.app.store.create(meta, self.key)
+        reserved = 0
+        if self.app.uploads_in_memory:
+            if not self.app.budget.reserve(message.size):
+                raise ProtocolError(
+                    ErrorCode.BUSY, "the server holds all the upload bytes it may; retry later",
+                    retry_after_ms=self.app.service.pool.retry_after_ms(),
+                )
+            reserved = message.size
+        try:
+            handle = await self.app.store.create(meta, self.key)
+        except BaseException:
+            self.app.budget.release(reserved)
+            raise
         live = LiveUpload(token=handle.token, meta=meta, accepted_at=time.monotonic(),
-                          handle=handle, store_owner=self.key)
+                          handle=handle, store_owner=self.key, reserved=reserved)
         self.app.live[live.token] = live
         self._adopt(live, message.id)
         self.app.metrics.uploads.labels("accepted").inc()
@@ -387,13 +440,16 @@ class Session:
                 f"seq must grow within a stream (last was {stream.last_seq})",
             )
         stream.last_seq = frame.seq
-        # Own the bytes: the received message's buffer is not ours to keep.
+        # Own the bytes: the received message's buffer is not ours to keep. They count against
+        # the memory budget until the frame is analysed or dropped.
         frame = replace(frame, data=bytes(frame.data))
+        self.app.budget.charge(len(frame.data))
         if stream.running is None:
             self._run_frame(stream, frame, spec, options)
             return
         if stream.waiting is not None:
             superseded = stream.waiting[0]
+            self.app.budget.release(len(superseded.data))
             self.send(Dropped(stream=superseded.stream, seq=superseded.seq, reason="superseded"))
             self.app.metrics.frames.labels("dropped").inc()
         stream.waiting = (frame, spec, options)
@@ -404,6 +460,10 @@ class Session:
         stream.running = asyncio.create_task(
             self._analyze_frame(stream, frame, spec, options), name="analyze-frame"
         )
+        # A done callback, not the task's own ``finally``: a task cancelled before its first
+        # step (its socket closed at once) never runs its body, finally blocks included.
+        size = len(frame.data)
+        stream.running.add_done_callback(lambda _: self.app.budget.release(size))
 
     async def _analyze_frame(
         self, stream: _Stream, frame: Frame, spec: TaskSpec, options: dict[str, Any]
@@ -411,7 +471,8 @@ class Session:
         service = self.app.service
         try:
             data = bytes(frame.data)
-            key = service.cache_key(hashlib.sha256(data).hexdigest(), spec, options)
+            key = service.cache_key(hashlib.sha256(data).hexdigest(), spec, options,
+                                    self.principal)
             payload = await service.lookup(key)
             cached = payload is not None
             timings: dict[str, float] = {}
@@ -442,8 +503,15 @@ class Session:
 # Upload outcomes: module functions, since an upload can outlive the socket that began it. -------
 
 
+def unreserve(app: AppState, live: LiveUpload) -> None:
+    """Give the upload's share of the memory budget back (once)."""
+    app.budget.release(live.reserved)
+    live.reserved = 0
+
+
 def forget(app: AppState, live: LiveUpload) -> None:
     """The upload is no longer live: its token and id name nothing from now on."""
+    unreserve(app, live)
     if app.live.get(live.token) is live:
         del app.live[live.token]
         app.spawn(app.store.discard(live.token, live.store_owner), "discard-upload")
@@ -477,9 +545,11 @@ async def analyze_upload(
     """From the last byte to the outcome: the cache, else a job in the queue."""
     service = app.service
     meta = live.meta
+    bind_log_context(upload=meta.upload_id)
+    handed_back = False
     try:
         spec = service.specs[meta.task]
-        key = service.cache_key(finished.sha256, spec, meta.options)
+        key = service.cache_key(finished.sha256, spec, meta.options, meta.principal)
         payload = await service.lookup(key)
         cached = payload is not None
         timings = {"upload": upload_ms}
@@ -490,10 +560,17 @@ async def analyze_upload(
             )
             timings.update(job_timings)
         _deliver_result(app, live, payload, cached, timings)
+    except asyncio.CancelledError:
+        # Shutting down with a shared queue: the job and its image stay in Redis, for the
+        # workers and for whichever gateway the client resumes on (it follows the job).
+        handed_back = app.stopping and not app.uploads_in_memory
+        raise
     except Exception as exc:
         _deliver_failure(app, live, exc)
     finally:
-        await app.store.release(finished.image)
+        if not handed_back:
+            await app.store.release(finished.image)
+        unreserve(app, live)
 
 
 async def follow_upload(app: AppState, live: LiveUpload) -> None:
@@ -539,7 +616,8 @@ def _deliver_failure(app: AppState, live: LiveUpload, exc: Exception) -> None:
         error = exc
     else:
         reference = secrets.token_hex(4)
-        log.exception("analysis of upload %s failed (ref %s)", live.meta.upload_id, reference)
+        log.exception("analysis of upload %s failed (ref %s)", live.meta.upload_id, reference,
+                      extra={"ref": reference})
         error = ProtocolError(ErrorCode.INTERNAL, f"unexpected server fault (ref {reference})")
     if live.lifecycle.allows(UploadEvent.FAIL):
         live.lifecycle.advance(UploadEvent.FAIL)

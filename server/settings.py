@@ -55,11 +55,31 @@ class Settings:
     # Security and fairness.
     api_tokens: tuple[str, ...] = ()
     """When set, every WebSocket and analyze request needs one of these tokens."""
+    api_tokens_file: Path | None = None
+    """A file of SHA-256 hashes (hex) of accepted tokens, one a line, ``#`` comments; read at
+    start, in addition to ``api_tokens``."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to open the WebSocket; empty: the server's own origin only."""
     messages_per_second: float = 1000.0
     message_burst: int = 2000
     """Per-socket token bucket over every inbound message, bad ones included."""
+    socket_bytes_per_second: int = 256 * 1024 * 1024
+    """Per-socket token bucket over inbound message bytes (bursts of a second's worth, at least
+    one largest message)."""
+    memory_budget_bytes: int = 1024 * 1024 * 1024
+    """Bytes this process may hold for clients: uploads receiving into its spool (reserved at
+    their declared size), frames waiting, messages being handled, HTTP bodies. Over it, new
+    uploads and HTTP requests are answered ``busy`` and sockets are not read."""
+    socket_idle_timeout_s: float = 300.0
+    """A socket that sends no complete message for this long, while the server owes it no
+    reply, is closed with code 1001."""
+    ws_ping_interval_s: float = 20.0
+    """WebSocket pings this often; a peer that does not answer one within the same time is
+    dropped (this also bounds how long one message may take to arrive)."""
+    http_header_timeout_s: float = 10.0
+    """An HTTP request's head (request line and headers) must arrive within this."""
+    http_body_timeout_s: float = 300.0
+    """An HTTP analyze request's body must arrive within this (else 408)."""
 
     max_connections_per_client: int = 64
     uploads_per_minute: int = 1200
@@ -76,11 +96,22 @@ class Settings:
     claim_idle_ms: int = 15000
     """A job held this long by a silent worker is taken over by another (Redis queue)."""
 
+    # Reliability.
+    job_timeout_s: float = 120.0
+    """An in-process worker that holds a batch longer than this per job is killed and
+    replaced; its jobs are retried once (then ``internal``). 0 disables the deadline."""
+    shutdown_grace_s: float = 10.0
+    """On shutdown, requests and running jobs get this long to finish (twice, at most: HTTP
+    requests, then the workers' current batches)."""
+
     log_level: str = "info"
+    log_format: str = "text"
+    """``text`` or ``json`` (one object per line: time, level, logger, message, ids)."""
 
     def __post_init__(self) -> None:
         self.limits  # noqa: B018 -- validates the limit fields early
-        for name in ("max_batch_size", "max_queue", "message_burst"):
+        for name in ("max_batch_size", "max_queue", "message_burst", "socket_bytes_per_second",
+                     "memory_budget_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("workers", "max_connections_per_client", "uploads_per_minute",
@@ -93,6 +124,14 @@ class Settings:
             raise ValueError("result_ttl_s must be positive")
         if not (self.max_wait_ms >= 0 and self.messages_per_second > 0):  # NaN fails too
             raise ValueError("max_wait_ms must be >= 0 and messages_per_second > 0")
+        for name in ("socket_idle_timeout_s", "ws_ping_interval_s", "http_header_timeout_s",
+                     "http_body_timeout_s", "shutdown_grace_s"):
+            if not getattr(self, name) > 0:  # NaN fails too
+                raise ValueError(f"{name} must be positive")
+        if not self.job_timeout_s >= 0:
+            raise ValueError("job_timeout_s must not be negative")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be 'text' or 'json'")
 
     @property
     def limits(self) -> Limits:

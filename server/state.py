@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 from chunking.limits import Limits
 from server.analysis import AnalysisService
-from server.limits import ClientLimits, KeyedBuckets
+from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
 from server.metrics import Metrics
 from server.settings import Settings
 from server.storage.base import UploadStore
 
 if TYPE_CHECKING:
-    from server.session import LiveUpload
+    from server.session import LiveUpload, Session
 
 
 @dataclass(eq=False)
@@ -26,9 +26,17 @@ class AppState:
     service: AnalysisService
     http_buckets: KeyedBuckets
     client_limits: ClientLimits
+    budget: MemoryBudget
+    uploads_in_memory: bool = True
+    """The upload store keeps bytes in this process (spool files), so uploads reserve their
+    size in ``budget``; with Redis they live there and only messages and frames count."""
     live: dict[str, LiveUpload] = field(default_factory=dict)
     """Uploads of this process from ``accepted`` until their outcome is delivered, by token."""
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    sessions: set[Session] = field(default_factory=set)
+    """The open sockets' sessions."""
+    stopping: bool = False
+    """Set at shutdown: with a shared queue, analyses are then handed back, not ended."""
 
     def spawn(self, coroutine: object, name: str) -> asyncio.Task[None]:
         """Run a task that outlives the socket that started it, keeping a reference."""

@@ -1,9 +1,21 @@
-"""``GET /v1/ws``: check the handshake, then read → feed the session → send, until the end."""
+"""``GET /v1/ws``: check the handshake, then read → feed the session → send, until the end.
+
+The reader loop is where the socket's limits live: before each read it waits for room in the
+process's memory budget (so when the budget is spent no socket is read, and the kernel's TCP
+window pushes back on clients), and each read has the idle deadline (a socket that sends no
+complete message for ``socket_idle_timeout_s`` while the server owes it nothing is closed with
+1001). Ping/pong (uvicorn's, ``ws_ping_interval_s``) drops peers that stop answering, a peer
+trickling one frame among them, as a pong cannot interrupt a frame.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
+from collections.abc import MutableMapping
+from typing import Any
 
 from fastapi import APIRouter, WebSocket
 from starlette.responses import JSONResponse
@@ -12,14 +24,28 @@ from starlette.websockets import WebSocketDisconnect
 from chunking.errors import ErrorCode, ProtocolError
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS
+from server.logs import bind_log_context
 from server.session import Outbox, Session
 from server.state import AppState
 
 router = APIRouter()
+log = logging.getLogger("pixelstream.ws")
+
+IDLE_CLOSE_CODE = 1001
+"""Close code for an idle socket: "going away", so clients reconnect (and resume) if they
+still have something to send. (1008, policy violation, means "do not retry" to our clients.)"""
+CLOSE_TIMEOUT_S = 5.0
+"""How long the close frame may wait to be written to a peer that does not read."""
 
 
-async def _refuse(websocket: WebSocket, code: ErrorCode, message: str) -> None:
-    """Refuse the handshake with an HTTP answer (or close 1008 where the server can't)."""
+async def _refuse(websocket: WebSocket, code: ErrorCode, message: str,
+                  reason: str | None = None) -> None:
+    """Refuse the handshake with an HTTP answer (or close 1008 where the server can't), and
+    count it by ``reason`` (default: the code)."""
+    app = websocket.scope.get("app")
+    state: AppState | None = getattr(getattr(app, "state", None), "pixelstream", None)
+    if state is not None:
+        state.metrics.handshake_refusals.labels(reason or code.value).inc()
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(
             JSONResponse({"code": code.value, "message": message},
@@ -37,22 +63,25 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         websocket.headers.get("origin"), websocket.headers.get("host"),
         app.settings.allowed_origins,
     ):
-        await _refuse(websocket, ErrorCode.FORBIDDEN_ORIGIN, "this origin may not open the socket")
+        await _refuse(websocket, ErrorCode.FORBIDDEN_ORIGIN, "this origin may not open the socket",
+                      "forbidden_origin")
         return
     principal = None
     if auth.required:
         principal = auth.principal(presented_token(websocket.headers, websocket.query_params))
         if principal is None:
-            await _refuse(websocket, ErrorCode.UNAUTHORIZED, "a valid API token is required")
+            await _refuse(websocket, ErrorCode.UNAUTHORIZED, "a valid API token is required",
+                          "unauthorized")
             return
     client = principal or (websocket.client.host if websocket.client else "unknown")
     try:
         admitted = await app.client_limits.connect(client)
     except ProtocolError as exc:  # the shared rate-limit store is unreachable: busy
-        await _refuse(websocket, exc.code, exc.message)
+        await _refuse(websocket, exc.code, exc.message, exc.code.value)
         return
     if not admitted:
-        await _refuse(websocket, ErrorCode.RATE_LIMITED, "too many connections from this client")
+        await _refuse(websocket, ErrorCode.RATE_LIMITED, "too many connections from this client",
+                      "too_many_connections")
         return
     try:
         await _serve(websocket, app, principal, client)
@@ -61,29 +90,75 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await app.client_limits.disconnect(client)
 
 
+async def _next_message(websocket: WebSocket, session: Session, idle_s: float
+                        ) -> MutableMapping[str, Any] | None:
+    """The next ASGI event, or None once the socket has been idle for ``idle_s``: no message
+    from the client, no outcome sent to it, and nothing it waits for being worked on."""
+    while True:
+        now = time.monotonic()
+        if session.owes_replies:
+            session.last_activity = now  # waiting for us is not idleness
+        delay = session.last_activity + idle_s - now
+        if delay <= 0:
+            return None
+        try:
+            async with asyncio.timeout(delay):
+                return await websocket.receive()
+        except TimeoutError:
+            continue
+
+
 async def _serve(websocket: WebSocket, app: AppState, principal: str | None, client: str) -> None:
-    await websocket.accept()
     outbox = Outbox()
     session = Session(app, outbox, principal, client)
+    bind_log_context(session=session.key)  # uvicorn's "accepted" line carries it too
+    await websocket.accept()
     sender = asyncio.create_task(outbox.run(websocket), name="ws-sender")
+    budget = app.budget
+    idle_s = app.settings.socket_idle_timeout_s
     app.metrics.active_sockets.inc()
+    app.sessions.add(session)
+    reason = "closed"
     try:
         session.start()
         while True:
-            message = await websocket.receive()
+            await budget.wait_for_room()  # backpressure: no reads while the budget is spent
+            if sender.done():
+                reason = "send_failed"
+                break
+            message = await _next_message(websocket, session, idle_s)
+            if message is None:
+                reason = "idle_timeout"
+                log.info("closing an idle socket (no message for %g s)", idle_s)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await websocket.close(IDLE_CLOSE_CODE, "idle timeout")
+                break
             if message["type"] == "websocket.disconnect":
+                if message.get("code") == 1012:
+                    reason = "shutdown"
                 break
             text = message.get("text")
-            if text is not None:
-                await session.receive_text(text)
-            else:
-                await session.receive_binary(message.get("bytes") or b"")
+            data = message.get("bytes") or b""
+            size = len(text) if text is not None else len(data)
+            budget.charge(size)  # already in memory: counted until handled
+            try:
+                if text is not None:
+                    await session.receive_text(text)
+                else:
+                    await session.receive_binary(data)
+            finally:
+                budget.release(size)
+            del text, data, message
             if sender.done():
+                reason = "send_failed"
                 break  # the socket failed under the sender
     except WebSocketDisconnect:
         pass
     finally:
+        app.sessions.discard(session)
         app.metrics.active_sockets.dec()
+        app.metrics.sockets_closed.labels(reason).inc()
         session.close()
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

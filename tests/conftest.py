@@ -92,11 +92,14 @@ class RunningServer:
         self.thread.join(60)
 
 
-def start_server(settings: Settings, specs: Sequence[TaskSpec] | None = None) -> RunningServer:
+def start_server(settings: Settings, specs: Sequence[TaskSpec] | None = None,
+                 port: int = 0) -> RunningServer:
     """uvicorn in a thread, configured as ``pixelstream serve`` configures it; returns once
-    every worker has loaded its model."""
+    every worker has loaded its model. ``port``: a given one (a restarted server's), else a
+    free one."""
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))  # bound here, so no other process can take the port
     settings = settings.with_overrides(port=listener.getsockname()[1], host="127.0.0.1")
     config = uvicorn.Config(create_app(settings, specs=specs), **uvicorn_config(settings))
     config.log_level = "warning"

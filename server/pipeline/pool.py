@@ -8,7 +8,9 @@
 
 Workers are spawned processes (never forked: the gateway has threads and an event loop). A
 reader thread per worker turns its pipe into calls on the event loop. A worker that dies is
-replaced; each job it held is run once more, then failed with ``internal``.
+replaced; each job it held is run once more, then failed with ``internal``. A worker that
+hangs is made one that died: with ``job_timeout_s``, a batch still unfinished after that long
+per job is ended by killing its worker.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class _Worker:
     in_flight: dict[str, _Pending] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
     reader: threading.Thread | None = None
+    deadline: asyncio.TimerHandle | None = None
+    """Kills the worker if its batch is not done in time (``job_timeout_s``)."""
+    hung: bool = False
 
     @property
     def idle(self) -> bool:
@@ -81,8 +86,10 @@ class WorkerPool:
         max_wait_ms: float,
         max_queue: int,
         metrics: Metrics | None = None,
+        job_timeout_s: float | None = None,
     ) -> None:
         self._config = config
+        self.job_timeout_s = job_timeout_s
         self._size = workers
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
@@ -252,6 +259,10 @@ class WorkerPool:
             pending.attempts += 1
             worker.in_flight[pending.ticket.job.job_id] = pending
             pending.ticket.put(Dispatched(queue_ms=(now - pending.enqueued) * 1000))
+        if self.job_timeout_s and self._loop is not None:
+            worker.deadline = self._loop.call_later(
+                self.job_timeout_s * len(taken), self._on_deadline, worker
+            )
         try:
             worker.conn.send(Batch([p.ticket.job for p in taken]))
         except OSError:
@@ -287,12 +298,31 @@ class WorkerPool:
         if pending is not None:
             pending.ticket.put(event)
         if not worker.in_flight:
+            self._clear_deadline(worker)
             self._wakeup.set()
+
+    def _on_deadline(self, worker: _Worker) -> None:
+        """The batch overran ``job_timeout_s``: the worker hangs. Kill it; the reader thread
+        sees it exit and :meth:`_on_exit` retries its jobs as for any worker that died."""
+        worker.deadline = None
+        if worker not in self._workers or not worker.in_flight or self._stopping:
+            return
+        worker.hung = True
+        log.error("worker %s has held a batch of %d for over %g s per job; killing it",
+                  worker.process.pid, len(worker.in_flight), self.job_timeout_s)
+        worker.process.kill()
+
+    @staticmethod
+    def _clear_deadline(worker: _Worker) -> None:
+        if worker.deadline is not None:
+            worker.deadline.cancel()
+            worker.deadline = None
 
     def _on_exit(self, worker: _Worker) -> None:
         if worker not in self._workers:
             return
         self._workers.remove(worker)
+        self._clear_deadline(worker)
         worker.conn.close()
         self._metrics.workers_ready.set(self.workers_ready)
         if self._stopping:
@@ -308,12 +338,14 @@ class WorkerPool:
             self._fail_all(self._pending, "the inference workers failed to start")
             self._pending.clear()
             return
-        log.error("worker %s died (exit code %s); replacing it", worker.process.pid,
-                  worker.process.exitcode)
+        log.error("worker %s %s (exit code %s); replacing it", worker.process.pid,
+                  "hung and was killed" if worker.hung else "died", worker.process.exitcode)
+        self._metrics.worker_restarts.labels("hung" if worker.hung else "died").inc()
         retry = [p for p in worker.in_flight.values() if p.attempts < MAX_ATTEMPTS]
         self._fail_all(
             [p for p in worker.in_flight.values() if p.attempts >= MAX_ATTEMPTS],
-            "the inference worker stopped while running this job",
+            "the inference worker hung on this job" if worker.hung
+            else "the inference worker stopped while running this job",
         )
         for pending in sorted(retry, key=lambda p: p.enqueued, reverse=True):
             if not pending.ticket.finished:

@@ -48,6 +48,18 @@ class SpoolFile:
             path.unlink(missing_ok=True)
             raise
 
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset`` through the file; the map shows it at once (same pages).
+
+        ``os.pwrite`` releases the GIL, so this may run in a thread beside the event loop (a
+        copy into the map would hold the GIL, page faults included). Not after :meth:`close`.
+        """
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
     def close(self) -> None:
         """Unmap, close and delete. A worker that has the file open keeps reading safely."""
         if self.buffer is not None:

@@ -31,6 +31,7 @@ import redis as redis_sync
 from redis.exceptions import RedisError, ResponseError
 
 from chunking.errors import ErrorCode
+from server.logs import configure_from_environment
 from server.pipeline.analyzers.base import Analyzer, TaskSpec
 from server.pipeline.jobs import (
     Batch,
@@ -220,8 +221,7 @@ def ensure_group_sync(redis: redis_sync.Redis) -> None:
 
 def stream_worker_main(config: StreamWorkerConfig) -> None:
     """Process entry point (``pixelstream worker`` spawns one per ``--workers``)."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s stream-worker %(levelname)s %(message)s")
+    configure_from_environment("stream-worker")  # --log-format, via the environment
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(max(1, config.torch_threads))
     from PIL import Image

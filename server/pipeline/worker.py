@@ -19,6 +19,7 @@ from typing import Any
 
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
+from server.logs import configure_from_environment
 from server.pipeline.analyzers.base import Analyzer, TaskSpec
 from server.pipeline.decode import decode
 from server.pipeline.jobs import (
@@ -54,7 +55,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     """Process entry point: load the models, announce readiness, then serve batches."""
     # Ctrl-C goes to the whole process group; the gateway decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    configure_from_environment("worker")  # the gateway's --log-format (text or JSON lines)
     # Read by torch (and numpy's BLAS) when first imported, which happens in load().
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(max(1, config.torch_threads))
@@ -86,7 +87,7 @@ class _Prepared:
 
 
 def _fault(job: Job, what: str) -> JobFailed:
-    log.exception("job %d: %s", job.job_id, what)
+    log.exception("job %s: %s", job.job_id, what)
     return JobFailed(job.job_id, ErrorCode.INTERNAL, f"{what} failed on the server")
 
 

@@ -249,3 +249,20 @@ def test_cancel_and_fail_are_possible_from_every_live_state() -> None:
             assert moves[UploadEvent.CANCEL] is UploadState.CANCELLED
             assert moves[UploadEvent.FAIL] is UploadState.FAILED
     assert set(TRANSITIONS) == set(UploadState)
+
+
+def test_a_writer_places_the_bytes_instead_of_a_copy_into_the_buffer() -> None:
+    buffer = bytearray(len(DATA))
+    placed: list[tuple[int, bytes]] = []
+
+    def writer(offset: int, data: bytes | bytearray | memoryview) -> None:
+        placed.append((offset, bytes(data)))
+        buffer[offset : offset + len(data)] = data
+
+    r = Reassembler(len(DATA), buffer=buffer, writer=writer,
+                    sha256=hashlib.sha256(DATA).hexdigest())
+    r.receive(Chunk("u", 0, DATA[:100]))
+    r.receive(Chunk("u", 0, DATA[:50]))  # a replay: not placed again
+    r.receive(Chunk("u", 100, DATA[100:]))
+    assert placed == [(0, DATA[:100]), (100, DATA[100:])]
+    assert r.finish() == hashlib.sha256(DATA).hexdigest()

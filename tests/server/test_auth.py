@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from pathlib import Path
 
 import pytest
 from starlette.datastructures import Headers, QueryParams
 
-from server.auth import TokenAuth, origin_allowed, presented_token, principal_of
+from server.auth import (
+    TokenAuth,
+    origin_allowed,
+    presented_token,
+    principal_of,
+    read_token_digests,
+)
 
 # TokenAuth ----------------------------------------------------------------------------------
 
@@ -65,6 +72,70 @@ def test_every_token_is_compared_in_constant_time(
     assert len(calls) == len(tokens)
     # Fixed-length digests are compared, so the token's length leaks nothing either.
     assert {len(a) for a, _ in calls} == {len(b) for _, b in calls} == {32}
+
+
+# A file of hashed tokens ------------------------------------------------------------------
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def test_a_tokens_file_holds_digests_with_comments_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(
+        "# issued 2025-01-01\n"
+        f"{sha('file-alpha')}\n"
+        "\n"
+        f"   {sha('file-beta').upper()}   # the beta team\n"
+        f"sha256:{sha('file-gamma')}\n"
+    )
+    auth = TokenAuth.from_settings(["plain-token"], path)
+    assert auth.required
+    for token in ("file-alpha", "file-beta", "file-gamma", "plain-token"):
+        assert auth.principal(token) == principal_of(token), token
+    for wrong in ("file-delta", sha("file-alpha"), "", None):
+        assert auth.principal(wrong) is None  # the digest itself is not a token
+
+
+def test_a_token_has_the_same_principal_from_the_list_or_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(sha("shared") + "\n")
+    assert TokenAuth.from_settings([], path).principal("shared") == (
+        TokenAuth(["shared"]).principal("shared"))
+
+
+@pytest.mark.parametrize(
+    "text", ["not-a-digest\n", sha("x")[:-1] + "\n", sha("x") + "0\n", "# only a comment\n", ""],
+    ids=["word", "short", "long", "no digests", "empty"],
+)
+def test_a_bad_tokens_file_is_refused_naming_the_line_not_its_text(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="api_tokens_file") as refused:
+        read_token_digests(path)
+    assert "not-a-digest" not in str(refused.value)
+    if text.startswith(("not", sha("x")[:8])):
+        assert "line 1" in str(refused.value)
+
+
+def test_a_missing_tokens_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_token_digests(tmp_path / "absent")
+
+
+def test_tokens_from_the_file_are_compared_in_constant_time_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("".join(sha(f"f{n}") + "\n" for n in range(3)))
+    calls: list[bytes] = []
+    compare = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append(a) or compare(a, b))
+    TokenAuth.from_settings(["p0", "p1"], path).principal("f0")
+    assert len(calls) == 5
 
 
 # presented_token ----------------------------------------------------------------------------

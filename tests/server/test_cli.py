@@ -47,10 +47,17 @@ FLAG_CASES: dict[str, tuple[str, Any]] = {
     "spool_dir": ("/var/spool/pixelstream", Path("/var/spool/pixelstream")),
     "cache_entries": ("0", 0),
     "api_tokens": ("alpha, beta,", ("alpha", "beta")),
+    "api_tokens_file": ("/etc/pixelstream/tokens", Path("/etc/pixelstream/tokens")),
     "allowed_origins": ("https://a.example,http://b.example:8080",
                         ("https://a.example", "http://b.example:8080")),
     "messages_per_second": ("12.5", 12.5),
     "message_burst": ("25", 25),
+    "socket_bytes_per_second": ("1048576", 1048576),
+    "memory_budget_bytes": ("536870912", 536870912),
+    "socket_idle_timeout_s": ("45", 45.0),
+    "ws_ping_interval_s": ("5.5", 5.5),
+    "http_header_timeout_s": ("3", 3.0),
+    "http_body_timeout_s": ("90", 90.0),
     "max_connections_per_client": ("3", 3),
     "uploads_per_minute": ("100", 100),
     "bytes_per_minute": ("1000000", 1_000_000),
@@ -58,7 +65,10 @@ FLAG_CASES: dict[str, tuple[str, Any]] = {
     "redis_url": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
     "result_ttl_s": ("60", 60.0),
     "claim_idle_ms": ("5000", 5000),
+    "job_timeout_s": ("30", 30.0),
+    "shutdown_grace_s": ("4", 4.0),
     "log_level": ("debug", "debug"),
+    "log_format": ("json", "json"),
 }
 
 
@@ -150,6 +160,22 @@ def test_uvicorn_accepts_the_config() -> None:
     assert config.ws == "websockets-sansio"
     assert config.ws_max_size == settings.limits.max_message_bytes
     assert config.lifespan == "on"
+
+
+def test_uvicorn_config_guards_against_slow_and_greedy_peers() -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    settings = Settings(ws_ping_interval_s=7.5, http_header_timeout_s=4, shutdown_grace_s=3)
+    config = uvicorn_config(settings)
+    assert issubclass(config["http"], H11Protocol)  # h11 bounds a request head; httptools not
+    assert config["http"].head_timeout_s == 4
+    assert config["h11_max_incomplete_event_size"] == 64 * 1024
+    assert config["timeout_keep_alive"] == 5
+    assert (config["ws_ping_interval"], config["ws_ping_timeout"]) == (7.5, 7.5)
+    assert config["timeout_graceful_shutdown"] == 3
+    assert config["log_config"] is None  # the app's logging (server/logs.py), not uvicorn's
+    loaded = uvicorn.Config("server.app:create_app", **config)
+    assert loaded.h11_max_incomplete_event_size == 64 * 1024
 
 
 # The real command ---------------------------------------------------------------------------

@@ -3,9 +3,12 @@ limits, load shedding, health, metrics and the demo page (PROTOCOL.md's HTTP sec
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import math
 import struct
+import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -536,3 +539,171 @@ def test_error_response_carries_retry_after_in_whole_seconds() -> None:
     plain = error_response(ProtocolError(ErrorCode.BAD_MESSAGE, "y"))
     assert "Retry-After" not in plain.headers
     assert orjson.loads(plain.body) == {"code": "bad_message", "message": "y"}
+
+
+# CORS, origins, request ids ---------------------------------------------------------------------
+
+ALLOWED_ORIGIN = "https://app.example"
+
+
+async def test_cors_preflight_answers_allowed_origins_only(server_factory, http) -> None:
+    server = server_factory(allowed_origins=(ALLOWED_ORIGIN,))
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    allowed = await http.options(server.http_url + "/api/analyze",
+                                 headers={"Origin": ALLOWED_ORIGIN, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in allowed.headers  # bearer tokens only
+    refused = await http.options(server.http_url + "/api/analyze",
+                                 headers={"Origin": "https://evil.example", **preflight})
+    assert refused.status_code == 400
+    assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_cross_origin_requests_carry_cors_headers_and_foreign_ones_are_refused(
+    server_factory, http
+) -> None:
+    server = server_factory(allowed_origins=(ALLOWED_ORIGIN,))
+    image = {"image": b64(unique_image(40, 30))}
+    ok = await post_json(http, server, image, headers={"Origin": ALLOWED_ORIGIN})
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "Retry-After" in ok.headers["access-control-expose-headers"]
+    # A simple (unpreflighted) cross-site POST still reaches the server: refuse its work.
+    foreign = await post_form(http, server, unique_image(40, 30),
+                              headers={"Origin": "https://evil.example"})
+    assert_error(foreign, 403, "forbidden_origin")
+    assert "access-control-allow-origin" not in foreign.headers
+    health = await http.get(server.http_url + "/healthz", headers={"Origin": ALLOWED_ORIGIN})
+    assert health.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+
+
+async def test_without_an_allow_list_only_the_own_origin_may_post(colors_server, http) -> None:
+    own = f"http://127.0.0.1:{colors_server.port}"
+    ok = await post_json(http, colors_server, {"image": b64(unique_image(40, 30))},
+                         headers={"Origin": own})
+    assert ok.status_code == 200
+    assert "access-control-allow-origin" not in ok.headers  # same origin: no CORS needed
+    refused = await post_json(http, colors_server, {"image": b64(unique_image(40, 30))},
+                              headers={"Origin": "http://evil.example"})
+    assert_error(refused, 403, "forbidden_origin")
+
+
+async def test_every_response_names_its_request(colors_server, http) -> None:
+    first = await post_json(http, colors_server, b"{not json")
+    second = await http.get(colors_server.http_url + "/healthz")
+    ids = {first.headers["x-request-id"], second.headers["x-request-id"]}
+    assert len(ids) == 2
+    assert all(len(i) == 16 for i in ids)
+
+
+# Slow and greedy requests ------------------------------------------------------------------------
+
+
+async def raw_http(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes (a reset counts as a close: the server
+    closes with our trickled bytes unread, and the kernel answers those with a reset)."""
+    received = b""
+    async with asyncio.timeout(15):
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await reader.read(65536):
+                received += chunk
+    return received
+
+
+async def test_a_body_that_trickles_in_is_cut_with_408(server_factory) -> None:
+    server = server_factory(http_body_timeout_s=0.5, http_header_timeout_s=5)
+    reader, writer = await raw_http(server.port)
+    writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100000\r\n\r\n{\"image\": \"")
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        for _ in range(1000):
+            writer.write(b"A")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the attack's pace
+
+    trickler = asyncio.create_task(trickle())
+    try:
+        answer = await read_until_closed(reader)
+    finally:
+        trickler.cancel()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"code":"bad_message"' in answer
+    assert time.monotonic() - started < 5
+    assert server.state.budget.held == 0  # its reservation was given back
+
+
+async def test_a_request_head_that_trickles_in_is_dropped(server_factory) -> None:
+    server = server_factory(http_header_timeout_s=0.5)
+    reader, writer = await raw_http(server.port)
+    writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        for _ in range(1000):
+            writer.write(b"X-Slow: 1\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the attack's pace
+
+    trickler = asyncio.create_task(trickle())
+    try:
+        answer = await read_until_closed(reader)
+    finally:
+        trickler.cancel()
+        writer.close()
+    assert answer == b""  # no request was ever made: the connection is just closed
+    assert 0.4 < time.monotonic() - started < 5
+
+
+async def test_the_head_deadline_applies_to_each_keep_alive_request(server_factory) -> None:
+    server = server_factory(http_header_timeout_s=0.5)
+    reader, writer = await raw_http(server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    writer.write(b"GET /healthz HTTP/1.1\r\n")  # the next request's head never ends
+    await writer.drain()
+    started = time.monotonic()
+    assert await read_until_closed(reader) == b""
+    writer.close()
+    assert time.monotonic() - started < 5
+
+
+async def test_a_huge_request_head_is_refused(colors_server, http) -> None:
+    """h11 buffers at most 64 KiB of head: beyond, 400 and close (the close may overtake the
+    answer as a reset, since the rest of the head is never read)."""
+    reader, writer = await raw_http(colors_server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 200_000)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    answer = await read_until_closed(reader)
+    writer.close()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 ")
+    assert (await http.get(colors_server.http_url + "/healthz")).status_code == 200
+
+
+async def test_a_request_that_does_not_fit_the_memory_budget_is_busy(server_factory, http
+                                                                     ) -> None:
+    server = server_factory(memory_budget_bytes=100_000)
+    big = unique_image(200, 200, "BMP")  # 120 KB: over the whole budget
+    response = await post_form(http, server, big)
+    body = assert_error(response, 503, "busy")
+    assert body["retry_after_ms"] > 0
+    assert int(response.headers["retry-after"]) >= 1
+    small = await post_form(http, server, unique_image(40, 30))
+    assert small.status_code == 200
+    assert server.state.budget.held == 0

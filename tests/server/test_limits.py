@@ -1,10 +1,13 @@
-"""Token buckets with a fake clock: refill, burst cap, exact retry-after; the LRU bound."""
+"""Token buckets with a fake clock: refill, burst cap, exact retry-after; the LRU bound; the
+memory budget's reservations, charges and waiting readers."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from server.limits import KeyedBuckets, TokenBucket
+from server.limits import KeyedBuckets, MemoryBudget, TokenBucket
 
 
 class FakeClock:
@@ -120,3 +123,59 @@ def test_keyed_buckets_memory_stays_bounded_under_a_flood_of_keys() -> None:
     for n in range(1000):
         assert buckets.take(f"10.0.{n // 256}.{n % 256}") == 0
     assert len(buckets._buckets) == 100
+
+
+# MemoryBudget -------------------------------------------------------------------------------
+
+
+def test_reservations_fit_under_the_limit_or_change_nothing() -> None:
+    changes: list[tuple[int, int]] = []
+    budget = MemoryBudget(1000, on_change=lambda held, waiting: changes.append((held, waiting)))
+    assert budget.reserve(600)
+    assert not budget.reserve(401)  # would exceed: refused, nothing held
+    assert budget.held == 600
+    assert budget.reserve(400)
+    assert budget.over
+    budget.release(1000)
+    assert (budget.held, budget.peak) == (0, 1000)
+    assert changes == [(600, 0), (1000, 0), (0, 0)]
+
+
+def test_charges_may_go_over_and_releases_never_go_negative() -> None:
+    budget = MemoryBudget(100)
+    budget.charge(150)
+    assert budget.over
+    budget.release(500)
+    assert budget.held == 0
+    budget.release(0)
+    budget.release(-5)
+    assert budget.held == 0
+
+
+async def test_readers_wait_while_over_and_all_resume_when_released() -> None:
+    budget = MemoryBudget(100)
+    await budget.wait_for_room()  # under: at once
+    budget.charge(120)
+    readers = [asyncio.create_task(budget.wait_for_room()) for _ in range(3)]
+    await asyncio.sleep(0)  # let them reach the wait (one loop turn, not a timed wait)
+    assert budget.waiting == 3
+    assert not any(reader.done() for reader in readers)
+    budget.release(10)  # still at the limit: 110 >= 100
+    await asyncio.sleep(0)
+    assert budget.waiting == 3
+    budget.release(20)
+    async with asyncio.timeout(5):
+        await asyncio.gather(*readers)
+    assert budget.waiting == 0
+
+
+async def test_a_cancelled_reader_stops_counting_as_waiting() -> None:
+    budget = MemoryBudget(10)
+    budget.charge(10)
+    reader = asyncio.create_task(budget.wait_for_room())
+    await asyncio.sleep(0)
+    assert budget.waiting == 1
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert budget.waiting == 0

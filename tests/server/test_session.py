@@ -557,3 +557,136 @@ async def test_metrics_count_what_happened(colors_server, open_client) -> None:
                  "pixelstream_cache_lookups_total"):
         assert name in text
     assert 'pixelstream_uploads_total{outcome="completed"}' in text
+
+
+# Bytes per second, the memory budget, results bound to principals -------------------------------
+
+
+async def test_inbound_bytes_per_second_are_limited_per_socket(server_factory, open_client
+                                                               ) -> None:
+    server = server_factory(socket_bytes_per_second=100_000)
+    burst = server.settings.limits.max_message_bytes  # a second's worth, at least one message
+    chunk = 200_000
+    async with open_client(server.ws_url) as client:
+        await client.upload("u1", 2_000_000)
+        await client.expect("accepted", id="u1")
+        sent = 0
+        while sent + chunk <= burst:
+            await client.chunk("u1", sent, b"x" * chunk)
+            assert (await client.expect("progress", id="u1"))["received"] == sent + chunk
+            sent += chunk
+        await client.chunk("u1", sent, b"x" * chunk)
+        error = await client.expect("error", id="u1")
+        assert error["code"] == "rate_limited"
+        assert "bytes" in error["message"]
+        assert error["expected"] == sent  # where to resume, once the wait is over
+        assert 500 <= error["retry_after_ms"] <= 2100
+        async with open_client(server.ws_url) as other:  # per socket: another is not limited
+            await other.upload("o1", 300_000)
+            await other.expect("accepted", id="o1")
+            await other.chunk("o1", 0, b"y" * chunk)
+            assert (await other.expect("progress", id="o1"))["received"] == chunk
+
+
+async def test_an_upload_that_does_not_fit_the_memory_budget_is_busy(
+    server_factory, open_client, gate
+) -> None:
+    server = server_factory(memory_budget_bytes=1_000_000)
+    held = unique_image(400, 400, "BMP")  # 480 KB, reserved from accepted to its result
+    async with open_client(server.ws_url) as client:
+        with gate.closed():
+            await client.send_upload("held", held, task="gate")
+            await client.expect("progress", id="held", stage="decoding")
+            assert server.state.budget.held == len(held)
+            await client.upload("refused", 600_000)
+            error = await client.expect("error", id="refused")
+            assert error["code"] == "busy"
+            assert error["retry_after_ms"] > 0
+            await client.upload("fits", 400_000)
+            await client.expect("accepted", id="fits")
+            await client.send({"type": "cancel", "id": "fits"})
+            await client.expect("cancelled", id="fits")
+        assert (await client.outcome("held"))["type"] == "result"
+    assert server.state.budget.held == 0
+
+
+async def test_over_the_memory_budget_no_socket_is_read_until_memory_frees(
+    server_factory, open_client, gate
+) -> None:
+    """A frame waiting for the worker (held by the gate) puts the process over its budget:
+    every reader stops before its next read, so a second socket's message waits, unread,
+    until the held job finishes and gives its reservation back."""
+    server = server_factory(memory_budget_bytes=1_000_000, max_chunk_bytes=600_000)
+    budget = server.state.budget
+    held = unique_image(400, 400, "BMP")
+    frame = unique_image(430, 430, "BMP")  # 555 KB: with the held upload, over the budget
+    async with open_client(server.ws_url) as holder, open_client(server.ws_url) as other:
+        with gate.closed():
+            await holder.send_upload("held", held, task="gate")
+            await holder.expect("progress", id="held", stage="decoding")
+            await holder.frame("cam", 1, frame)  # queued behind the gate: its bytes stay
+            await wait_until(lambda: budget.over, "the budget to be spent")
+            # The other socket's reader was already waiting in receive(): it reads one more
+            # message, then stops before the next.
+            (session,) = [s for s in server.state.sessions if not s.uploads]
+            await other.send({"type": "cancel", "id": "first"})
+            assert (await other.expect("error", id="first"))["code"] == "unknown_upload"
+            await other.send({"type": "cancel", "id": "second"})
+            await wait_until(lambda: budget.waiting >= 2, "both readers to stop")
+            metrics = server.state.metrics.registry
+            assert metrics.get_sample_value("pixelstream_reads_paused") >= 2
+            assert session.messages_received == 1  # "second" waits unread
+            await other.upload("later", 10)  # read, and its size reserved, once there is room
+        # The gate opens: the held upload's result gives 480 KB back, and reading resumes.
+        assert (await holder.outcome("held"))["type"] == "result"
+        assert (await other.expect("error", id="second"))["code"] == "unknown_upload"
+        assert (await other.expect("accepted", id="later"))["offset"] == 0
+        assert (await holder.expect("result", stream="cam"))["seq"] == 1
+        await other.send({"type": "cancel", "id": "later"})
+        await other.expect("cancelled", id="later")
+    await wait_until(lambda: budget.held == 0, "every byte to be given back")
+    assert budget.peak > budget.limit  # it did go over: by one frame, never unboundedly
+
+
+async def wait_until(predicate: Any, what: str) -> None:
+    """Bounded polling of the server's state (it lives on another thread's loop)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_results_are_bound_to_the_principal_that_asked(server_factory, open_client
+                                                             ) -> None:
+    """With tokens, one client cannot learn what another analysed: neither from
+    ``cached: true`` nor from the answer to a bare checksum (which needs no bytes)."""
+    import httpx
+
+    server = server_factory(api_tokens=("alice-token", "bob-token"))
+    data = unique_image(120, 90)
+    digest = hashlib.sha256(data).hexdigest()
+    alice = f"{server.ws_url}?token=alice-token"
+    bob = f"{server.ws_url}?token=bob-token"
+    async with open_client(alice) as client:
+        await client.send_upload("a1", data, sha256=digest)
+        assert (await client.outcome("a1"))["cached"] is False
+        await client.upload("a2", len(data), sha256=digest)
+        assert (await client.expect("accepted", id="a2"))["offset"] == len(data)
+        assert (await client.outcome("a2"))["cached"] is True  # her own: from the cache
+    async with open_client(bob) as client:
+        await client.upload("b1", len(data), sha256=digest)
+        assert (await client.expect("accepted", id="b1"))["offset"] == 0  # bytes, please
+        for offset in range(0, len(data), 16384):
+            await client.chunk("b1", offset, data[offset : offset + 16384])
+        assert (await client.outcome("b1"))["cached"] is False
+    other = unique_image(100, 80)
+    async with httpx.AsyncClient(timeout=30) as http:
+        answers = []
+        for token in ("alice-token", "bob-token", "alice-token"):
+            response = await http.post(f"{server.http_url}/v1/analyze",
+                                       headers={"Authorization": f"Bearer {token}"},
+                                       files={"file": ("o.png", other, "image/png")})
+            answers.append(response.json()["cached"])
+    assert answers == [False, False, True]

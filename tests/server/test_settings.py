@@ -30,10 +30,17 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "spool_dir": ("/var/spool/pixelstream", Path("/var/spool/pixelstream")),
     "cache_entries": ("0", 0),
     "api_tokens": ("alpha,beta", ("alpha", "beta")),
+    "api_tokens_file": ("/etc/pixelstream/tokens", Path("/etc/pixelstream/tokens")),
     "allowed_origins": ("https://a.example, http://b.example:8080",
                         ("https://a.example", "http://b.example:8080")),
     "messages_per_second": ("12.5", 12.5),
     "message_burst": ("25", 25),
+    "socket_bytes_per_second": ("1048576", 1048576),
+    "memory_budget_bytes": ("536870912", 536870912),
+    "socket_idle_timeout_s": ("45", 45.0),
+    "ws_ping_interval_s": ("5.5", 5.5),
+    "http_header_timeout_s": ("3", 3.0),
+    "http_body_timeout_s": ("90", 90.0),
     "max_connections_per_client": ("3", 3),
     "uploads_per_minute": ("100", 100),
     "bytes_per_minute": ("1000000", 1_000_000),
@@ -41,7 +48,10 @@ ENV_CASES: dict[str, tuple[str, Any]] = {
     "redis_url": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
     "result_ttl_s": ("60", 60.0),
     "claim_idle_ms": ("5000", 5000),
+    "job_timeout_s": ("30", 30.0),
+    "shutdown_grace_s": ("4", 4.0),
     "log_level": ("debug", "debug"),
+    "log_format": ("json", "json"),
 }
 
 
@@ -120,7 +130,10 @@ def test_unparseable_values_raise_value_error_naming_the_variable(name: str, tex
     [("workers", "0"), ("workers", "-1"), ("uploads_per_minute", "-1"),
      ("result_ttl_s", "0"), ("max_batch_size", "0"), ("max_queue", "-1"), ("message_burst", "0"),
      ("max_wait_ms", "-1"), ("messages_per_second", "0"), ("max_chunk_bytes", "0"),
-     ("max_image_bytes", "-5")],
+     ("max_image_bytes", "-5"), ("socket_bytes_per_second", "0"), ("memory_budget_bytes", "0"),
+     ("socket_idle_timeout_s", "0"), ("ws_ping_interval_s", "-1"), ("http_header_timeout_s", "0"),
+     ("http_body_timeout_s", "0"), ("shutdown_grace_s", "0"), ("job_timeout_s", "-1"),
+     ("log_format", "xml")],
 )
 def test_values_out_of_range_are_refused(name: str, text: str) -> None:
     with pytest.raises(ValueError, match=name):

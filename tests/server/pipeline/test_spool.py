@@ -176,3 +176,13 @@ def test_a_spool_without_root_uses_the_default(fake_shm: Path,
         assert spool.directory.parent == fake_shm
     finally:
         spool.close()
+
+
+def test_write_at_writes_through_the_file_and_the_map_shows_it(spool: Spool) -> None:
+    spool_file = spool.allocate(10)
+    assert spool_file.buffer is not None
+    spool_file.write_at(3, b"abc")
+    spool_file.write_at(6, memoryview(b"xyzw"))
+    assert bytes(spool_file.buffer) == b"\0\0\0abcxyzw"
+    assert spool_file.path.read_bytes() == b"\0\0\0abcxyzw"
+    spool_file.close()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
 import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 from chunking.errors import ErrorCode, InvalidTransition, ProtocolError
 from chunking.messages import Chunk
 from server.pipeline.spool import Spool
+from server.storage import memory
 from server.storage.base import UploadMeta
 from server.storage.memory import LruResultCache, MemoryUploadStore, new_resume_token
 
@@ -131,3 +136,88 @@ async def test_lru_cache_never_holds_more_than_max_entries() -> None:
         await cache.set(str(n), {"n": n})
         assert len(cache) == min(n + 1, 5)
     assert [await cache.get(str(n)) for n in range(15, 20)] == [{"n": n} for n in range(15, 20)]
+
+
+# Large chunks are written and hashed in a thread ------------------------------------------------
+
+
+def big_meta(size: int, sha256: str | None = None) -> UploadMeta:
+    return UploadMeta(upload_id="big", size=size, task="colors", sha256=sha256)
+
+
+async def test_large_chunks_are_written_off_the_loop_and_hash_as_the_small_ones(
+    store: MemoryUploadStore, spool: Spool,
+) -> None:
+    size = 3 * memory.OFF_LOOP_CHUNK_BYTES + 5
+    data = os.urandom(size)
+    handle = await store.create(big_meta(size, hashlib.sha256(data).hexdigest()), "s")
+    writers: set[str] = set()
+    original = handle.spool_file.write_at
+
+    def spy(offset: int, chunk: bytes | bytearray | memoryview) -> None:
+        writers.add(threading.current_thread().name)
+        original(offset, chunk)
+
+    handle.reassembler._writer = spy
+    step = memory.OFF_LOOP_CHUNK_BYTES
+    for offset in range(0, size, step):
+        event = await store.write(handle, "s", Chunk("big", offset, data[offset:offset + step]))
+        assert event.received == min(size, offset + step)
+    finished = await store.finish(handle)
+    assert finished.sha256 == hashlib.sha256(data).hexdigest()
+    assert read(finished.image.path) == data
+    # The three full chunks went through the I/O thread, the 5-byte tail stayed on the loop.
+    assert any(name.startswith("upload-io") for name in writers)
+    assert threading.current_thread().name in writers
+
+
+async def test_a_write_cancelled_mid_thread_finishes_before_the_next_one_starts(
+    store: MemoryUploadStore,
+) -> None:
+    step = memory.OFF_LOOP_CHUNK_BYTES
+    data = os.urandom(2 * step)
+    handle = await store.create(big_meta(len(data)), "s")
+    entered, release = threading.Event(), threading.Event()
+    original = handle.spool_file.write_at
+
+    def slow(offset: int, chunk: bytes | bytearray | memoryview) -> None:
+        if offset == 0:
+            entered.set()
+            release.wait(10)
+        original(offset, chunk)
+
+    handle.reassembler._writer = slow
+    first = asyncio.create_task(store.write(handle, "s", Chunk("big", 0, data[:step])))
+    await asyncio.to_thread(entered.wait, 10)
+    first.cancel()  # the thread keeps writing: the next chunk must wait for it
+    second = asyncio.create_task(store.write(handle, "s", Chunk("big", step, data[step:])))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    release.set()
+    event = await second
+    assert event.received == len(data)
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_discarding_during_a_threaded_write_frees_the_file_once_it_ends(
+    store: MemoryUploadStore, spool: Spool,
+) -> None:
+    data = os.urandom(memory.OFF_LOOP_CHUNK_BYTES)
+    handle = await store.create(big_meta(len(data) * 2), "s")
+    entered, release = threading.Event(), threading.Event()
+    original = handle.spool_file.write_at
+
+    def slow(offset: int, chunk: bytes | bytearray | memoryview) -> None:
+        entered.set()
+        release.wait(10)
+        original(offset, chunk)
+
+    handle.reassembler._writer = slow
+    write = asyncio.create_task(store.write(handle, "s", Chunk("big", 0, data)))
+    await asyncio.to_thread(entered.wait, 10)
+    await store.discard(handle.token, "s")
+    assert len(spool_files(spool)) == 1  # the write still runs: its descriptor stays open
+    release.set()
+    await write  # the thread closed the file before its result came back
+    assert spool_files(spool) == []

@@ -1,0 +1,64 @@
+"""The limit: pixelstream's own decode → preprocess → predict → encode in a tight loop, in one
+process, with the torch threads a pixelstream worker gets. Run by :mod:`bench.inference` as a
+subprocess (so the benchmark process never imports torch)::
+
+    python -m bench.model_alone IMAGE --threads 1 --batch 8 --seconds 5
+
+Prints one JSON object: images per second and per-batch latency percentiles (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("image")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    # As worker_main does: read by torch when first imported.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(args.threads)
+    from server.pipeline.analyzers.classify import ClassifySpec
+    from server.pipeline.decode import decode
+
+    data = Path(args.image).read_bytes()
+    analyzer = ClassifySpec().create_analyzer()
+    analyzer.load()
+    options = {"top_k": 5}
+
+    def one_batch() -> None:
+        items = [analyzer.preprocess(decode(data, max_pixels=178_956_970,
+                                            hint=analyzer.decode_hint).image, options)
+                 for _ in range(args.batch)]
+        for output in analyzer.predict(items):
+            analyzer.encode(output, options)
+
+    for _ in range(5):  # warm-up
+        one_batch()
+    latencies = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < args.seconds:
+        begun = time.perf_counter()
+        one_batch()
+        latencies.append((time.perf_counter() - begun) * 1000)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    sys.stdout.write(orjson.dumps({
+        "images_per_s": len(latencies) * args.batch / elapsed,
+        "batch_ms_p50": latencies[len(latencies) // 2],
+        "batch_ms_min": latencies[0],
+    }).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()

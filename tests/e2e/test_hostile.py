@@ -1,0 +1,613 @@
+"""Hostile input through a live server: malformed and malicious messages, uploads and frames.
+
+Every case runs on its own socket while a second socket uploads a normal image: the case gets
+its documented error (or close code, for what the WebSocket layer itself refuses), the hostile
+socket still answers afterwards, the normal upload's result is right, and the server stays up.
+At the end, a seeded protocol fuzzer sends random and mutated messages and checks that nothing
+crashed (no ``internal`` answer, no fault logged), nothing leaked (no upload, session or
+budget byte held once the sockets are gone and idle uploads expired) and that the metrics agree
+with what the clients saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from chunking.codec import encode_client_binary
+from chunking.messages import Chunk, Frame
+from server.pipeline.analyzers.colors import ColorsSpec
+from tests.conftest import (
+    WAIT_S,
+    ProtocolClient,
+    RunningServer,
+    connect,
+    fast_settings,
+    make_image,
+    start_server,
+    unique_image,
+)
+from tests.support import hostile_images as bad
+from tests.support.gate import GateSpec
+from tests.support.raw_ws import OP_TEXT, RawWebSocket, frame_bytes
+
+MAX_CONNECTIONS = 12
+
+
+@pytest.fixture(scope="module")
+def server(gate: Any) -> Iterator[RunningServer]:
+    settings = fast_settings(uploads_per_minute=0, max_connections_per_client=MAX_CONNECTIONS,
+                             upload_idle_timeout_s=1.0)
+    running = start_server(settings, specs=(ColorsSpec(), GateSpec(gate.lock_path)))
+    yield running
+    running.stop()
+
+
+CHUNK = fast_settings().max_chunk_bytes
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def text(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def upload(**fields: Any) -> str:
+    return text({"type": "upload", "id": "u1", "size": 1000, **fields})
+
+
+def chunk(**fields: Any) -> str:
+    return text({"type": "chunk", "id": "u1", "offset": 0, "data": b64(b"x" * 10), **fields})
+
+
+def binary(header: Any, payload: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else orjson.dumps(header)
+    return struct.pack(">H", len(raw)) + raw + payload
+
+
+async def normal_upload(client: ProtocolClient, upload_id: str = "normal") -> dict[str, Any]:
+    data = unique_image(160, 120)
+    await client.send_upload(upload_id, data, chunk_size=4096)
+    return await client.outcome(upload_id)
+
+
+def assert_normal_result(result: dict[str, Any]) -> None:
+    assert result["type"] == "result", result
+    assert result["image"] == {"width": 160, "height": 120, "format": "PNG"}
+    assert result["result"]["colors"]
+
+
+_PINGS = iter(range(1, 1 << 30))
+
+
+async def assert_alive(client: ProtocolClient) -> None:
+    """The socket still answers: a cancel for nothing is ``unknown_upload``."""
+    probe = f"alive-{next(_PINGS)}"
+    await client.send({"type": "cancel", "id": probe})
+    assert (await client.expect("error", id=probe))["code"] == "unknown_upload"
+
+
+async def alongside(server: RunningServer, open_client: Any,
+                    hostile: Callable[[ProtocolClient], Awaitable[None]]) -> None:
+    """Run ``hostile`` on one socket while another uploads a normal image."""
+    async with open_client(server.ws_url) as bystander:
+        normal = asyncio.create_task(normal_upload(bystander))
+        try:
+            async with open_client(server.ws_url) as client:
+                await hostile(client)
+        finally:
+            result = await normal
+    assert_normal_result(result)
+
+
+# Messages ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    message: str | bytes
+    code: str
+    setup: bool = False
+    """Open upload ``u1`` (1000 bytes) first."""
+
+
+CASES = [
+    # Not JSON, not an object, no type.
+    Case("not_json", "hello", "bad_message"),
+    Case("truncated_json", '{"type": "upload", "id": "u', "bad_message"),
+    Case("json_array", "[1, 2, 3]", "bad_message"),
+    Case("json_string", '"upload"', "bad_message"),
+    Case("json_null", "null", "bad_message"),
+    Case("json_bignum", "123456789012345678901234567890", "bad_message"),
+    Case("json_nan", '{"type": "upload", "id": "u1", "size": NaN}', "bad_message"),
+    Case("json_deep", "[" * 100_000 + "]" * 100_000, "bad_message"),
+    Case("empty_object", "{}", "bad_message"),
+    Case("type_not_string", text({"type": 7}), "bad_message"),
+    Case("unknown_type", text({"type": "exec", "cmd": "rm -rf /"}), "bad_message"),
+    Case("prototype_pollution", text({"type": "upload", "__proto__": {"admin": True}}),
+         "bad_message"),
+    # Upload fields of the wrong type, form or range.
+    Case("upload_no_id", text({"type": "upload", "size": 10}), "bad_message"),
+    Case("id_path_traversal", upload(id="../../etc/passwd"), "bad_message"),
+    Case("id_absolute_path", upload(id="/etc/passwd"), "bad_message"),
+    Case("id_windows_path", upload(id="..\\..\\boot.ini"), "bad_message"),
+    Case("id_url_encoded", upload(id="%2e%2e%2fetc"), "bad_message"),
+    Case("id_too_long", upload(id="a" * 65), "bad_message"),
+    Case("id_empty", upload(id=""), "bad_message"),
+    Case("id_unicode", upload(id="üpload"), "bad_message"),
+    Case("id_nul_byte", upload(id="a\u0000b"), "bad_message"),
+    Case("id_number", upload(id=5), "bad_message"),
+    Case("size_string", upload(size="100"), "bad_message"),
+    Case("size_float", upload(size=1.5), "bad_message"),
+    Case("size_bool", upload(size=True), "bad_message"),
+    Case("size_zero", upload(size=0), "bad_message"),
+    Case("size_negative", upload(size=-1), "bad_message"),
+    Case("size_int64_max", upload(size=2**63 - 1), "too_large"),
+    Case("size_beyond_int64", '{"type":"upload","id":"u1","size":99999999999999999999999}',
+         "bad_message"),
+    Case("size_float_overflow", '{"type":"upload","id":"u1","size":1e400}', "bad_message"),
+    Case("sha_not_hex", upload(sha256="z" * 64), "bad_message"),
+    Case("sha_short", upload(sha256="ab"), "bad_message"),
+    Case("task_path", upload(task="../colors"), "bad_message"),
+    Case("task_unknown", upload(task="mine-bitcoin"), "unknown_task"),
+    Case("options_string", upload(options="x"), "bad_message"),
+    Case("options_out_of_range", upload(options={"colors": 1000}), "bad_message"),
+    Case("options_unknown_key", upload(options={"shell": "/bin/sh"}), "bad_message"),
+    Case("name_too_long", upload(name="n" * 2000), "bad_message"),
+    Case("name_not_string", upload(name=["a"]), "bad_message"),
+    Case("resume_bad_chars", upload(resume="!!"), "bad_message"),
+    Case("resume_unknown", upload(resume="A" * 32), "unknown_upload"),
+    Case("duplicate_upload", upload(), "duplicate_upload", setup=True),
+    # Chunks.
+    Case("chunk_negative_offset", chunk(offset=-1), "bad_message", setup=True),
+    Case("chunk_offset_string", chunk(offset="0"), "bad_message", setup=True),
+    Case("chunk_offset_huge", chunk(offset=2**62), "offset_mismatch", setup=True),
+    Case("chunk_gap", chunk(offset=10), "offset_mismatch", setup=True),
+    Case("chunk_past_size", chunk(data=b64(b"x" * 1001)), "offset_mismatch", setup=True),
+    Case("chunk_invalid_base64", chunk(data="@@@@"), "bad_base64", setup=True),
+    Case("chunk_base64_whitespace", chunk(data="YW Jj"), "bad_base64", setup=True),
+    Case("chunk_base64_inner_padding", chunk(data="YQ==YQ=="), "bad_base64", setup=True),
+    Case("chunk_data_number", chunk(data=12), "bad_message", setup=True),
+    Case("chunk_no_data", text({"type": "chunk", "id": "u1", "offset": 0}), "bad_message",
+         setup=True),
+    Case("chunk_too_large", chunk(data=b64(b"x" * (CHUNK + 1))), "too_large", setup=True),
+    Case("chunk_unknown_upload", chunk(id="nobody"), "unknown_upload"),
+    Case("cancel_unknown", text({"type": "cancel", "id": "nobody"}), "unknown_upload"),
+    # Frames.
+    Case("frame_negative_seq", text({"type": "frame", "stream": "c", "seq": -1,
+                                     "data": b64(b"x")}), "bad_message"),
+    Case("frame_stream_path", text({"type": "frame", "stream": "../c", "seq": 1,
+                                    "data": b64(b"x")}), "bad_message"),
+    Case("frame_empty_data", text({"type": "frame", "stream": "c", "seq": 1, "data": ""}),
+         "invalid_image"),
+    # Binary frames with lying or broken headers.
+    Case("binary_too_short", b"\x00", "bad_message"),
+    Case("binary_header_length_lies", b"\x00\xff" + b'{"type":"chunk"}', "bad_message"),
+    Case("binary_header_length_zero", b"\x00\x00abc", "bad_message"),
+    Case("binary_header_not_json", binary(b"<xml/>", b"payload"), "bad_message"),
+    Case("binary_header_invalid_utf8", binary(b"\xff\xfe\xfd\xfc", b"payload"), "bad_message"),
+    Case("binary_header_array", binary([1, 2], b"payload"), "bad_message"),
+    Case("binary_upload_type", binary({"type": "upload", "id": "u2", "size": 5}, b"x"),
+         "bad_message"),
+    Case("binary_header_with_data",
+         binary({"type": "chunk", "id": "u1", "offset": 0, "data": "AA=="}, b"x"),
+         "bad_message", setup=True),
+    Case("binary_chunk_lying_offset", binary({"type": "chunk", "id": "u1", "offset": 500},
+                                             b"x" * 10), "offset_mismatch", setup=True),
+    Case("binary_chunk_too_large", binary({"type": "chunk", "id": "u1", "offset": 0},
+                                          b"x" * (CHUNK + 1)), "too_large", setup=True),
+    Case("binary_chunk_negative_offset", binary({"type": "chunk", "id": "u1", "offset": -5},
+                                                b"x"), "bad_message", setup=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+async def test_a_hostile_message_gets_its_documented_error(server, open_client, case: Case
+                                                           ) -> None:
+    async def hostile(client: ProtocolClient) -> None:
+        if case.setup:
+            await client.upload("u1", 1000)
+            await client.expect("accepted", id="u1")
+        await client.send_raw(case.message)
+        error = await client.expect("error")
+        assert error["code"] == case.code, error
+        message = error["message"]
+        assert isinstance(message, str)
+        assert len(message) < 300
+        assert not any(leak in message for leak in ("Traceback", ".py", "/work", "/tmp"))
+        await assert_alive(client)
+
+    await alongside(server, open_client, hostile)
+
+
+async def test_too_many_uploads_on_one_socket(server, open_client) -> None:
+    async def hostile(client: ProtocolClient) -> None:
+        limit = client.welcome["limits"]["max_uploads"]
+        for n in range(limit):
+            await client.upload(f"u{n}", 100)
+            await client.expect("accepted", id=f"u{n}")
+        await client.upload("one-more", 100)
+        assert (await client.expect("error", id="one-more"))["code"] == "too_many_uploads"
+        await assert_alive(client)
+
+    await alongside(server, open_client, hostile)
+
+
+# Images -----------------------------------------------------------------------------------------
+
+IMAGES: list[tuple[str, Callable[[], bytes], str]] = [
+    ("truncated_png", lambda: bad.truncated(make_image(64, 48, "PNG", seed=1)), "invalid_image"),
+    ("truncated_jpeg", lambda: bad.truncated(make_image(64, 48, "JPEG", seed=1)),
+     "invalid_image"),
+    ("truncated_gif", lambda: bad.truncated(make_image(64, 48, "GIF", seed=1)), "invalid_image"),
+    ("truncated_webp", lambda: bad.truncated(make_image(64, 48, "WEBP", seed=1)),
+     "invalid_image"),
+    ("corrupt_png", bad.corrupt_png, "invalid_image"),
+    ("random_bytes", lambda: random.Random(5).randbytes(5000), "invalid_image"),
+    ("one_byte", lambda: b"\x89", "invalid_image"),
+    ("bomb_png_lying_header", lambda: bad.png_claiming(100_000, 100_000), "too_many_pixels"),
+    ("bomb_png_honest_zeros", bad.png_zero_bomb, "too_many_pixels"),
+    ("bomb_jpeg", lambda: bad.jpeg_claiming(65_000, 65_000), "too_many_pixels"),
+    ("bomb_gif", lambda: bad.gif_claiming(65_535, 65_535), "too_many_pixels"),
+    ("bomb_webp_lossless", lambda: bad.webp_claiming(16_384, 16_384), "too_many_pixels"),
+    ("bomb_webp_extended", lambda: bad.webp_vp8x_claiming(16_384, 16_384), "too_many_pixels"),
+    ("bomb_bmp", lambda: bad.bmp_claiming(100_000, 100_000), "too_many_pixels"),
+    ("bomb_tiff", lambda: bad.tiff_claiming(100_000, 100_000), "too_many_pixels"),
+    ("polyglot_jpeg_html", bad.jpeg_html_polyglot, "invalid_image"),
+    ("polyglot_gif_javascript", bad.gif_script_polyglot, "invalid_image"),
+]
+
+
+@pytest.mark.parametrize(("data", "code"), [(make, code) for _, make, code in IMAGES],
+                         ids=[name for name, _, _ in IMAGES])
+async def test_a_hostile_upload_gets_its_documented_error(server, open_client,
+                                                          data: Callable[[], bytes], code: str
+                                                          ) -> None:
+    image = data()
+
+    async def hostile(client: ProtocolClient) -> None:
+        await client.send_upload("bad", image, chunk_size=8192)
+        outcome = await client.outcome("bad")
+        assert (outcome["type"], outcome.get("code")) == ("error", code), outcome
+        await assert_alive(client)
+
+    await alongside(server, open_client, hostile)
+
+
+async def test_a_png_with_a_zip_appended_is_only_ever_an_image(server, open_client) -> None:
+    image = bad.png_zip_polyglot()
+
+    async def hostile(client: ProtocolClient) -> None:
+        await client.send_upload("poly", image)
+        outcome = await client.outcome("poly")
+        assert outcome["type"] == "result", outcome
+        assert outcome["image"] == {"width": 48, "height": 32, "format": "PNG"}
+
+    await alongside(server, open_client, hostile)
+
+
+async def test_a_lying_checksum_discards_the_upload(server, open_client) -> None:
+    async def hostile(client: ProtocolClient) -> None:
+        data = unique_image()
+        await client.send_upload("lie", data, sha256=hashlib.sha256(b"other").hexdigest())
+        assert (await client.outcome("lie"))["code"] == "checksum_mismatch"
+
+    await alongside(server, open_client, hostile)
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    (lambda: bad.png_claiming(50_000, 50_000), "too_many_pixels"),
+    (lambda: bad.gif_claiming(65_535, 65_535), "too_many_pixels"),
+    (lambda: random.Random(6).randbytes(3000), "invalid_image"),
+], ids=["png_bomb", "gif_bomb", "random_bytes"])
+async def test_a_hostile_frame_gets_its_documented_error(server, open_client,
+                                                         data: Callable[[], bytes], code: str
+                                                         ) -> None:
+    async def hostile(client: ProtocolClient) -> None:
+        await client.frame("cam", 1, data())
+        error = await client.expect("error", stream="cam")
+        assert (error["code"], error["seq"]) == (code, 1)
+        await assert_alive(client)
+
+    await alongside(server, open_client, hostile)
+
+
+# What the WebSocket layer refuses: the socket closes, nothing else does -----------------------
+
+
+async def test_invalid_utf8_in_a_text_frame_closes_only_that_socket_1007(server, open_client
+                                                                         ) -> None:
+    async def hostile(_: ProtocolClient) -> None:
+        async with RawWebSocket.connect(server.port) as raw:
+            await raw.welcome()
+            await raw.send_raw(frame_bytes(OP_TEXT, b'{"type": "\xff\xfe"}'))
+            async with asyncio.timeout(WAIT_S):
+                assert await raw.closed() == 1007
+
+    await alongside(server, open_client, hostile)
+
+
+async def test_a_message_beyond_the_transport_limit_closes_only_that_socket_1009(
+    server, open_client
+) -> None:
+    limit = server.settings.limits.max_message_bytes
+
+    async def hostile(_: ProtocolClient) -> None:
+        async with RawWebSocket.connect(server.port) as raw:
+            await raw.welcome()
+            # Only the frame header: the server refuses on the declared length, unbuffered.
+            await raw.send_raw(frame_bytes(OP_TEXT, b"", length=limit + 1))
+            async with asyncio.timeout(WAIT_S):
+                assert await raw.closed() == 1009
+
+    await alongside(server, open_client, hostile)
+
+
+# Floods -------------------------------------------------------------------------------------------
+
+
+async def test_a_message_flood_is_rate_limited_and_every_message_answered(server, open_client
+                                                                          ) -> None:
+    count = 4000  # twice the default burst of 2000
+
+    async def hostile(client: ProtocolClient) -> None:
+        for n in range(count):
+            await client.send({"type": "cancel", "id": f"f{n}"})
+        codes: Counter[str] = Counter()
+        retry_after = []
+        for _ in range(count):
+            message = await client.next()
+            codes[message["code"]] += 1
+            if message["code"] == "rate_limited":
+                retry_after.append(message["retry_after_ms"])
+        assert set(codes) == {"unknown_upload", "rate_limited"}
+        assert codes["rate_limited"] > 0
+        assert all(ms > 0 for ms in retry_after)
+
+    await alongside(server, open_client, hostile)
+
+
+async def test_a_frame_flood_keeps_the_latest_frame_and_answers_every_one(server, open_client
+                                                                          ) -> None:
+    count = 40
+
+    async def hostile(client: ProtocolClient) -> None:
+        image = make_image(64, 48, seed=77)
+        for seq in range(1, count + 1):
+            await client.frame("flood", seq, image)
+        outcomes: dict[int, str] = {}
+        while len(outcomes) < count:
+            message = await client.next()
+            assert message.get("stream") == "flood", message
+            assert message["seq"] not in outcomes
+            outcomes[message["seq"]] = message["type"]
+        assert set(outcomes.values()) <= {"result", "dropped"}
+        assert outcomes[count] == "result"  # the latest frame always runs
+        assert list(outcomes.values()).count("dropped") > 0
+
+    await alongside(server, open_client, hostile)
+
+
+async def test_a_connection_flood_is_refused_past_the_per_client_limit(server, open_client
+                                                                       ) -> None:
+    async def hostile(_: ProtocolClient) -> None:
+        # Two sockets are open already (this one and the bystander's).
+        sockets = [connect(server.ws_url) for _ in range(MAX_CONNECTIONS - 2)]
+        opened = [await s.__aenter__() for s in sockets]
+        try:
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(server.ws_url):
+                    pass
+            assert refused.value.response.status_code == 429
+            assert orjson.loads(refused.value.response.body)["code"] == "rate_limited"
+        finally:
+            for ws, context in zip(opened, sockets, strict=True):
+                await context.__aexit__(None, None, None)
+                del ws
+
+    await alongside(server, open_client, hostile)
+
+
+async def test_after_all_that_the_server_is_healthy_and_holds_nothing(server, open_client
+                                                                      ) -> None:
+    async with open_client(server.ws_url) as client:
+        assert_normal_result(await normal_upload(client, "final"))
+    state = server.state
+    await until(lambda: len(state.store) == 0 and not state.live and state.budget.held == 0
+                and not state.sessions, "idle uploads to expire and sockets to close")
+    registry = state.metrics.registry
+    assert registry.get_sample_value("pixelstream_errors_total", {"code": "internal"}) is None
+    assert registry.get_sample_value("pixelstream_active_sockets") == 0
+
+
+async def until(predicate: Callable[[], bool], what: str,
+                detail: Callable[[], Any] = lambda: None) -> None:
+    """Bounded polling of the server's state (it runs on another thread's loop)."""
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {detail()}"
+        await asyncio.sleep(0.02)
+
+
+# A seeded protocol fuzzer ------------------------------------------------------------------
+
+FUZZ_MESSAGES = int(os.environ.get("PIXELSTREAM_FUZZ_MESSAGES", "4000"))
+FUZZ_SEED = int(os.environ.get("PIXELSTREAM_FUZZ_SEED", "20251125"))
+FUZZ_SOCKETS = 4
+
+
+class Fuzzer:
+    """Messages from a seeded generator: valid ones, valid ones mutated, random values."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.images = [make_image(24, 16, fmt, seed=seed % 1000 + n)
+                       for n, fmt in enumerate(("PNG", "JPEG", "GIF", "WEBP", "BMP"))]
+        self.ids = ["u1", "u2", "u3", "cam", "x", "../u1", "", "a" * 70]
+        self.offsets: dict[str, int] = {}
+        self.current = self.images[0]
+
+    def value(self, depth: int = 0) -> Any:
+        rng = self.rng
+        kind = rng.randrange(9 if depth < 3 else 6)
+        if kind == 0:
+            return None
+        if kind == 1:
+            return rng.choice([True, False])
+        if kind == 2:
+            return rng.choice([0, -1, 1, 2**31, 2**63 - 1, -(2**63), rng.randrange(-10**6, 10**6)])
+        if kind == 3:
+            return rng.choice([0.5, -0.0, 1e308, 3.14])
+        if kind == 4:
+            return rng.choice(["", "u1", "upload", "chunk", "../../x", "\u0000", "é" * 10,
+                               b64(rng.randbytes(rng.randrange(0, 40)))])
+        if kind == 5:
+            return rng.choice(self.ids)
+        if kind == 6:
+            return [self.value(depth + 1) for _ in range(rng.randrange(4))]
+        return {rng.choice(["type", "id", "size", "offset", "data", "seq", "stream", "task",
+                            "options", "sha256", "resume", "name", "colors", "x"]):
+                self.value(depth + 1) for _ in range(rng.randrange(5))}
+
+    def valid(self) -> dict[str, Any]:
+        rng = self.rng
+        upload_id = rng.choice(self.ids[:4])
+        kind = rng.randrange(5)
+        if kind == 0:
+            image = rng.choice(self.images)
+            self.offsets[upload_id] = 0
+            self.current = image
+            return {"type": "upload", "id": upload_id, "size": len(image),
+                    "task": rng.choice(["colors", "colors", "gate", "nope"]),
+                    "options": rng.choice([{}, {"colors": rng.randrange(0, 20)}])}
+        if kind in (1, 2):
+            image = self.current
+            offset = self.offsets.get(upload_id, 0)
+            if rng.random() < 0.2:
+                offset = rng.randrange(0, len(image) + 10)
+            piece = image[offset : offset + rng.randrange(1, 2000)]
+            self.offsets[upload_id] = offset + len(piece)
+            return {"type": "chunk", "id": upload_id, "offset": offset, "data": piece}
+        if kind == 3:
+            return {"type": "frame", "stream": rng.choice(["cam", "c2"]),
+                    "seq": rng.randrange(0, 50), "data": rng.choice(self.images)}
+        return {"type": "cancel", "id": upload_id}
+
+    def message(self) -> str | bytes:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.45:  # a valid-looking message, as text or binary
+            obj = self.valid()
+            data = obj.pop("data", None)
+            if data is not None and rng.random() < 0.6:
+                cls = Chunk if obj["type"] == "chunk" else Frame
+                fields = {k: v for k, v in obj.items() if k != "type"}
+                try:
+                    return encode_client_binary(cls(**fields, data=data))  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    pass
+            if data is not None:
+                obj["data"] = b64(data)
+            return text(obj)
+        if roll < 0.7:  # a valid one, mutated: a field's value replaced, a field dropped
+            obj = self.valid()
+            obj.pop("data", None)
+            obj["data"] = b64(rng.randbytes(rng.randrange(0, 64)))
+            key = rng.choice(list(obj))
+            if rng.random() < 0.5:
+                obj[key] = self.value()
+            else:
+                del obj[key]
+            return text(obj)
+        if roll < 0.8:  # its JSON text with bytes flipped
+            raw = bytearray(text(self.valid() | {"data": "QUJD"}).encode())
+            for _ in range(rng.randrange(1, 4)):
+                raw[rng.randrange(len(raw))] = rng.randrange(32, 127)
+            return raw.decode(errors="replace")
+        if roll < 0.9:  # any JSON value
+            return text(self.value())
+        # A binary frame: a random header length, random or JSON header, random payload.
+        header = rng.choice([rng.randbytes(rng.randrange(0, 20)), text(self.value()).encode()])
+        length = rng.choice([len(header), rng.randrange(0, 65536)])
+        return struct.pack(">H", length) + header + rng.randbytes(rng.randrange(0, 300))
+
+
+async def fuzz_socket(url: str, fuzzer: Fuzzer, count: int, observed: Counter[str]) -> int:
+    """Send ``count`` fuzzed messages, then a marker; count every error code received."""
+    async with connect(url) as ws:
+        assert orjson.loads(await ws.recv())["type"] == "welcome"
+        done = asyncio.Event()
+        marker = f"end-{id(fuzzer)}-{count}"
+
+        async def read() -> None:  # until the socket closes: a client that stops reading
+            async for raw in ws:  # is one the server stops reading (and closing) too
+                message = orjson.loads(raw)
+                if message["type"] == "error":
+                    observed[message["code"]] += 1
+                    if message.get("id") == marker:
+                        done.set()
+
+        reader = asyncio.create_task(read())
+        for _ in range(count):
+            await ws.send(fuzzer.message())
+        await ws.send(text({"type": "cancel", "id": marker}))
+        async with asyncio.timeout(WAIT_S):
+            await done.wait()
+            await ws.close()
+            await reader
+    return count
+
+
+async def test_a_seeded_protocol_fuzzer_crashes_nothing_and_leaks_nothing(
+    server_factory, open_client, gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = server_factory(upload_idle_timeout_s=0.3, uploads_per_minute=0)
+    caplog.set_level(logging.WARNING)
+    observed: Counter[str] = Counter()
+    per_socket = FUZZ_MESSAGES // FUZZ_SOCKETS
+    with gate.closed():  # "gate" uploads wait in the queue: cancels and drops meet real jobs
+        sent = await asyncio.gather(*(
+            fuzz_socket(server.ws_url, Fuzzer(FUZZ_SEED + n), per_socket, observed)
+            for n in range(FUZZ_SOCKETS)
+        ))
+    assert sum(sent) == per_socket * FUZZ_SOCKETS
+    # Zero crashes: the server still answers, and no handler failed unexpectedly.
+    async with open_client(server.ws_url) as client:
+        assert_normal_result(await normal_upload(client, "after-fuzz"))
+    assert observed["internal"] == 0, observed
+    faults = [r for r in caplog.records
+              if r.name.startswith("pixelstream") and r.levelno >= logging.ERROR]
+    assert not faults, [r.getMessage() for r in faults]
+    # Zero leaks: once the sockets are gone and idle uploads expired, nothing is held.
+    state = server.state
+    await until(lambda: len(state.store) == 0 and not state.live and not state.sessions
+                and state.budget.held == 0, "every upload and session to be let go",
+                lambda: (len(state.store), state.live, state.sessions, state.budget.held))
+    # The metrics agree with what the clients saw.
+    registry = state.metrics.registry
+    assert registry.get_sample_value("pixelstream_active_sockets") == 0
+    assert registry.get_sample_value("pixelstream_memory_held_bytes") == 0
+    for code, count in observed.items():
+        counted = registry.get_sample_value("pixelstream_errors_total", {"code": code}) or 0
+        assert counted >= count, (code, counted, count)
+    assert sum(observed.values()) >= FUZZ_MESSAGES // 3  # most fuzzed messages are refused
+    print(f"fuzzer: {FUZZ_MESSAGES} messages (seed {FUZZ_SEED}), errors by code: "
+          f"{dict(sorted(observed.items()))}")
+
