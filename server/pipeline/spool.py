@@ -1,6 +1,8 @@
 """Upload buffers as memory-mapped files, so worker processes read them without a copy.
 
-The gateway reassembles straight into the map; a worker opens the same file by path. On a
+The gateway reassembles straight into the file (large chunks with ``os.pwrite`` from an I/O
+thread, see :meth:`SpoolFile.write_at`; the map shows the same pages); a worker opens the same
+file by path. On a
 tmpfs (``/dev/shm``) this is plain shared memory; on a disk directory it keeps the gateway's
 memory flat whatever the upload's size. Pages are only spent as bytes arrive: a 256 MB
 upload that sends 1 MB costs 1 MB.

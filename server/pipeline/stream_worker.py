@@ -61,7 +61,7 @@ class StreamWorkerConfig:
     redis_url: str
     specs: tuple[TaskSpec, ...]
     torch_threads: int = 1
-    max_batch_size: int = 8
+    max_batch_size: int = 4
     max_wait_ms: float = 5.0
     claim_idle_ms: int = 15000
 
