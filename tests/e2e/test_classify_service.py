@@ -12,6 +12,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from bench.common import photo_jpeg
 from server.settings import Settings
 from tests.conftest import RunningServer, start_server
 
@@ -22,18 +23,6 @@ def jpeg(pixels: np.ndarray, **save: Any) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "JPEG", **save)
     return out.getvalue()
-
-
-def huge_photo(width: int = 12000, height: int = 9000) -> bytes:
-    """A 108-megapixel JPEG of about 20 MB: smooth gradients with grain, like a real photo."""
-    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
-    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
-    pixels = np.empty((height, width, 3), np.uint8)
-    pixels[..., 0] = (y * 0.5 + x * 0.5).astype(np.uint8)
-    pixels[..., 1] = x.astype(np.uint8)
-    pixels[..., 2] = y.astype(np.uint8)
-    pixels[..., 1] += np.random.default_rng(0).integers(0, 16, size=(height, width), dtype=np.uint8)
-    return jpeg(pixels, quality=88)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +70,7 @@ async def test_coffee_is_espresso_over_http_too(classify_server, open_client) ->
 
 async def test_a_108_megapixel_photo_streams_in_and_is_classified(classify_server, open_client
                                                                   ) -> None:
-    data = huge_photo()
+    data = photo_jpeg(12000, 9000)  # 108 megapixels, about 20 MB: a photo's gradients and grain
     assert len(data) > 10 * 1024 * 1024
     result = await classify(classify_server, open_client, data,
                             sha256=hashlib.sha256(data).hexdigest())
