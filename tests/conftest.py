@@ -139,6 +139,17 @@ def fast_settings(**overrides: Any) -> Settings:
     return Settings(**base)
 
 
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A models directory for this test run, as PIXELSTREAM_MODEL_DIR (the bundled model is
+    built there once and shared by the model tests)."""
+    root = tmp_path_factory.getbasetemp() / "pixelstream-models"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIXELSTREAM_MODEL_DIR", str(root))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield root
+
+
 @dataclass
 class Gate:
     """Holds the test server's worker inside a ``gate`` job: see tests/support/gate.py."""

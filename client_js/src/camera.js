@@ -16,7 +16,7 @@
 
 import { encodeBinaryHeader, encodeText } from "./codec.js";
 import { defaultTimers, sharedConnection } from "./connection.js";
-import { PixelstreamError } from "./errors.js";
+import { callSafely, PixelstreamError } from "./errors.js";
 
 /**
  * @typedef {object} CameraStats
@@ -222,7 +222,7 @@ export class CameraStream {
     this._reconnectTimer = this._timers.setTimeout(() => {
       this._reconnectTimer = null;
       this._connect().catch((error) => {
-        this._call(this.options.onError, error);
+        callSafely(this.options.onError, error);
         this._scheduleReconnect();
       });
     }, delay);
@@ -262,7 +262,7 @@ export class CameraStream {
     try {
       blob = await /** @type {() => Promise<Blob | null>} */ (this._capture)();
     } catch (error) {
-      this._call(o.onError, new PixelstreamError("file_unreadable", "the camera frame could not be captured",
+      callSafely(o.onError, new PixelstreamError("file_unreadable", "the camera frame could not be captured",
         { cause: error, retryable: true }));
       return;
     }
@@ -307,15 +307,15 @@ export class CameraStream {
       }
       this._push(this._resultTimes, now);
       this.stats.fps = rate(this._resultTimes);
-      this._call(o.onResult, message, this.stats);
+      callSafely(o.onResult, message, this.stats);
     } else if (message.type === "dropped") {
       this._inFlight.delete(message.seq);
       this.stats.dropped += 1;
-      this._call(o.onDropped, message.seq, this.stats);
+      callSafely(o.onDropped, message.seq, this.stats);
     } else if (message.type === "error") {
       if (message.seq !== undefined) this._inFlight.delete(message.seq);
       this.stats.errors += 1;
-      this._call(o.onError, PixelstreamError.fromMessage(message), message.seq);
+      callSafely(o.onError, PixelstreamError.fromMessage(message), message.seq);
     }
     this._emitStats();
   }
@@ -327,7 +327,7 @@ export class CameraStream {
     this.stats.connected = false;
     this._emitStats();
     if (!this.running) return;
-    this._call(this.options.onError, error);
+    callSafely(this.options.onError, error);
     this._scheduleReconnect();
   }
 
@@ -342,16 +342,7 @@ export class CameraStream {
   }
 
   _emitStats() {
-    this._call(this.options.onStats, this.stats);
+    callSafely(this.options.onStats, this.stats);
   }
 
-  /** @param {Function | undefined} callback @param {...any} args */
-  _call(callback, ...args) {
-    if (typeof callback !== "function") return;
-    try {
-      callback(...args);
-    } catch (error) {
-      console.error("pixelstream: a callback threw", error);
-    }
-  }
 }

@@ -98,3 +98,17 @@ export function describeError(error) {
   return (code && /** @type {Record<string, string>} */ (SENTENCES)[code])
     || "Something went wrong. Please try again.";
 }
+
+/**
+ * Call a user callback; an exception there must not break an upload or a stream.
+ * @param {Function | undefined} callback
+ * @param {...any} args
+ */
+export function callSafely(callback, ...args) {
+  if (typeof callback !== "function") return;
+  try {
+    callback(...args);
+  } catch (error) {
+    console.error("pixelstream: a callback threw", error);
+  }
+}

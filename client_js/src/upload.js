@@ -16,7 +16,7 @@
 
 import { encodeBinaryHeader, encodeText } from "./codec.js";
 import { defaultTimers, sharedConnection } from "./connection.js";
-import { PixelstreamError } from "./errors.js";
+import { callSafely, PixelstreamError } from "./errors.js";
 
 /**
  * A place to keep resume tokens across page loads (localStorage's shape).
@@ -273,7 +273,7 @@ export class Upload {
       this.result = result;
       this._cleanup();
       if (o.removeFingerprintOnSuccess) this._forgetStored();
-      this._call(o.onResult, result);
+      callSafely(o.onResult, result);
       return result;
     } catch (caught) {
       const error = this._aborted
@@ -286,7 +286,7 @@ export class Upload {
         this.state = "failed";
         // Keep the token only where coming back later can help.
         if (!error.retryable) this._forgetStored();
-        this._call(o.onError, error);
+        callSafely(o.onError, error);
       }
       throw error;
     }
@@ -429,7 +429,7 @@ export class Upload {
     const received = Math.min(Math.max(0, Number(message.received) || 0), this.total);
     const chunk = this._fifo.shift(); // the server answers every chunk, in order
     this._acknowledge(received, false);
-    if (chunk) this._call(this.options.onChunkComplete, chunk.length, this.acknowledged, this.total);
+    if (chunk) callSafely(this.options.onChunkComplete, chunk.length, this.acknowledged, this.total);
     if (this.acknowledged >= this.total) this._allIn();
     /** @type {import("./connection.js").Connection} */ (this._conn).pump();
   }
@@ -589,7 +589,7 @@ export class Upload {
       moved = true;
     }
     if (this.sent < this.acknowledged) this.sent = this.acknowledged;
-    if (moved || always) this._call(this.options.onProgress, this.sent, this.acknowledged, this.total);
+    if (moved || always) callSafely(this.options.onProgress, this.sent, this.acknowledged, this.total);
   }
 
   /** Every byte is in: the server decodes and analyses now. */
@@ -743,20 +743,7 @@ export class Upload {
 
   /** @param {StageName} stage @param {object} detail */
   _stage(stage, detail) {
-    this._call(this.options.onStage, stage, detail);
+    callSafely(this.options.onStage, stage, detail);
   }
 
-  /**
-   * Call a user callback; an exception there must not break the upload.
-   * @param {Function | undefined} callback
-   * @param {...any} args
-   */
-  _call(callback, ...args) {
-    if (typeof callback !== "function") return;
-    try {
-      callback(...args);
-    } catch (error) {
-      console.error("pixelstream: a callback threw", error);
-    }
-  }
 }

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,15 +38,6 @@ from server.pipeline.model_store import (
 
 ROOT = Path(__file__).resolve().parents[3]
 
-
-@pytest.fixture(scope="module")
-def models_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A session-wide models directory (shared with the classify tests) as PIXELSTREAM_MODEL_DIR."""
-    root = tmp_path_factory.getbasetemp() / "pixelstream-models"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PIXELSTREAM_MODEL_DIR", str(root))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield root
 
 
 @pytest.fixture(scope="module")

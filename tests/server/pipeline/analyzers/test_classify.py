@@ -9,7 +9,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: 
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +33,6 @@ def _skimage(name: str) -> Image.Image:
 
     return Image.fromarray(getattr(skimage.data, name)())
 
-
-@pytest.fixture(scope="module")
-def models_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A session-wide models directory (shared with the model_store tests)."""
-    root = tmp_path_factory.getbasetemp() / "pixelstream-models"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PIXELSTREAM_MODEL_DIR", str(root))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield root
 
 
 @pytest.fixture(scope="module")
