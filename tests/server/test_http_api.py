@@ -618,25 +618,31 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return received
 
 
+async def trickled_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          piece: bytes) -> bytes:
+    """Send ``piece`` every 50 ms (a slowloris's pace) until the server answers and closes."""
+
+    async def trickle() -> None:
+        for _ in range(1000):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the attack's pace, not a wait for an event
+
+    trickler = asyncio.create_task(trickle())
+    try:
+        return await read_until_closed(reader)
+    finally:
+        trickler.cancel()
+        writer.close()
+
+
 async def test_a_body_that_trickles_in_is_cut_with_408(server_factory) -> None:
     server = server_factory(http_body_timeout_s=0.5, http_header_timeout_s=5)
     reader, writer = await raw_http(server.port)
     writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100000\r\n\r\n{\"image\": \"")
     started = time.monotonic()
-
-    async def trickle() -> None:
-        for _ in range(1000):
-            writer.write(b"A")
-            await writer.drain()
-            await asyncio.sleep(0.05)  # the attack's pace
-
-    trickler = asyncio.create_task(trickle())
-    try:
-        answer = await read_until_closed(reader)
-    finally:
-        trickler.cancel()
-        writer.close()
+    answer = await trickled_answer(reader, writer, b"A")
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b'"code":"bad_message"' in answer
     assert time.monotonic() - started < 5
@@ -648,19 +654,7 @@ async def test_a_request_head_that_trickles_in_is_dropped(server_factory) -> Non
     reader, writer = await raw_http(server.port)
     writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: x\r\n")
     started = time.monotonic()
-
-    async def trickle() -> None:
-        for _ in range(1000):
-            writer.write(b"X-Slow: 1\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.05)  # the attack's pace
-
-    trickler = asyncio.create_task(trickle())
-    try:
-        answer = await read_until_closed(reader)
-    finally:
-        trickler.cancel()
-        writer.close()
+    answer = await trickled_answer(reader, writer, b"X-Slow: 1\r\n")
     assert answer == b""  # no request was ever made: the connection is just closed
     assert 0.4 < time.monotonic() - started < 5
 
