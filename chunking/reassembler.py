@@ -26,6 +26,15 @@ from chunking.errors import ErrorCode, InvalidTransition, ProtocolError
 from chunking.messages import Chunk, Payload
 
 
+class Hasher(Protocol):
+    """What :class:`Reassembler` feeds each new chunk to: ``hashlib.sha256()``, or an object that
+    computes one elsewhere (a server may hash on another thread, behind the writes)."""
+
+    def update(self, data: Payload, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
 class WritableBuffer(Protocol):
     """A preallocated, fixed-size, writable byte buffer (bytearray, mmap, memoryview)."""
 
@@ -87,7 +96,8 @@ class Reassembler:
 
     ``received`` may start above zero when the bytes so far were restored from a store (a
     resumed upload); then pass the ``hasher`` holding those bytes' hash state, or none, and
-    the whole buffer is hashed once in :meth:`finish`.
+    the whole buffer is hashed once in :meth:`finish`. A ``hasher`` is fed each new chunk's
+    bytes and asked for its ``hexdigest`` in :meth:`finish` (default: ``hashlib.sha256()``).
 
     ``writer(offset, data)``, when given, places the bytes instead of a copy into ``buffer``
     (which must then show what it wrote: ``os.pwrite`` to the file under a memory map does).
@@ -108,7 +118,7 @@ class Reassembler:
         sha256: str | None = None,
         buffer: WritableBuffer | None = None,
         received: int = 0,
-        hasher: hashlib._Hash | None = None,
+        hasher: Hasher | None = None,
         writer: Callable[[int, Payload], object] | None = None,
     ) -> None:
         if size < 1:
@@ -127,7 +137,7 @@ class Reassembler:
         self._expected_sha256 = sha256.lower() if sha256 else None
         if hasher is None and received == 0:
             hasher = hashlib.sha256()
-        self._hasher = hasher
+        self._hasher: Hasher | None = hasher
         self._writer = writer
 
     @property

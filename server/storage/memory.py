@@ -17,9 +17,10 @@ from typing import Any, BinaryIO
 
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Chunk
-from chunking.reassembler import ChunkEvent, Reassembler, Replayed, is_append
+from chunking.reassembler import Appended, ChunkEvent, Reassembler, Replayed, is_append
 from server.pipeline.spool import Spool, SpoolFile
 from server.storage.base import FinishedUpload, ImageRef, UploadMeta
+from server.storage.hashing import BackgroundHasher
 
 _OFF_LOOP_BYTES = 1 << 20
 """Images larger than this are copied and hashed in a thread, off the event loop."""
@@ -43,6 +44,7 @@ class MemoryUpload:
     owner: str
     spool_file: SpoolFile
     reassembler: Reassembler
+    hasher: BackgroundHasher
     last_write: float
     complete: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -58,6 +60,10 @@ class MemoryUpload:
     @property
     def received(self) -> int:
         return self.reassembler.received
+
+    @property
+    def local_path(self) -> str:
+        return str(self.spool_file.path)
 
     async def settled(self) -> None:
         """Wait for a write left running in a thread by a cancelled caller."""
@@ -134,9 +140,10 @@ class MemoryUploadStore:
     async def create(self, meta: UploadMeta, owner: str) -> MemoryUpload:
         spool_file = self._spool.allocate(meta.size)
         assert spool_file.buffer is not None
+        hasher = BackgroundHasher(self._io)
         reassembler = Reassembler(
             meta.size, upload_id=meta.upload_id, sha256=meta.sha256, buffer=spool_file.buffer,
-            writer=spool_file.write_at,
+            writer=spool_file.write_at, hasher=hasher,
         )
         upload = MemoryUpload(
             token=new_resume_token(),
@@ -144,6 +151,7 @@ class MemoryUploadStore:
             owner=owner,
             spool_file=spool_file,
             reassembler=reassembler,
+            hasher=hasher,
             last_write=self._clock(),
         )
         self._uploads[upload.token] = upload
@@ -182,12 +190,16 @@ class MemoryUploadStore:
                     upload.in_thread = False
                     raise
                 event = await asyncio.wrap_future(upload.writing)
+            if isinstance(event, Appended) and event.complete:
+                # The last byte is acknowledged only once every byte is hashed too.
+                await upload.hasher.wait()
             upload.last_write = self._clock()
             return event
 
     async def finish(self, handle: Any) -> FinishedUpload:
         upload: MemoryUpload = handle
         await upload.settled()
+        await upload.hasher.wait()
         if self._uploads.get(upload.token) is not upload or upload.complete:
             raise unknown_upload(upload.meta.upload_id, "this upload is no longer held")
         try:

@@ -266,3 +266,23 @@ def test_a_writer_places_the_bytes_instead_of_a_copy_into_the_buffer() -> None:
     r.receive(Chunk("u", 100, DATA[100:]))
     assert placed == [(0, DATA[:100]), (100, DATA[100:])]
     assert r.finish() == hashlib.sha256(DATA).hexdigest()
+
+
+def test_a_given_hasher_is_fed_each_new_chunk_and_gives_the_digest() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.fed: list[bytes] = []
+
+        def update(self, data: bytes | bytearray | memoryview, /) -> None:
+            self.fed.append(bytes(data))
+
+        def hexdigest(self) -> str:
+            return hashlib.sha256(b"".join(self.fed)).hexdigest()
+
+    recorder = Recorder()
+    r = Reassembler(len(DATA), hasher=recorder, sha256=hashlib.sha256(DATA).hexdigest())
+    r.receive(Chunk("u1", 0, DATA[:300]))
+    r.receive(Chunk("u1", 0, DATA[:300]))  # a replay: not fed again
+    r.receive(Chunk("u1", 300, DATA[300:]))
+    assert recorder.fed == [DATA[:300], DATA[300:]]
+    assert r.finish() == hashlib.sha256(DATA).hexdigest()
