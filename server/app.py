@@ -178,6 +178,8 @@ def create_app(
             service = AnalysisService(
                 {spec.task: spec for spec in specs}, specs[0].task, queue, cache, metrics,
                 max_pixels=settings.max_pixels,
+                ahead=queue if isinstance(queue, WorkerPool) else None,
+                ahead_min_bytes=settings.decode_ahead_bytes,
             )
             state = AppState(
                 settings=settings, limits=settings.limits, metrics=metrics, store=store,

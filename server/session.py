@@ -127,6 +127,10 @@ class LiveUpload:
     reserved: int = 0
     """Bytes of the memory budget this upload holds (its size, while this process keeps its
     bytes); given back when it is forgotten or its image released."""
+    ahead_job: str | None = None
+    """The job id a worker decodes this upload ahead for, while its bytes arrive."""
+    ahead_reported: int = 0
+    """The byte count last reported to that worker."""
 
 
 @dataclass(eq=False)
@@ -316,6 +320,9 @@ class Session:
             raise
         live = LiveUpload(token=handle.token, meta=meta, accepted_at=time.monotonic(),
                           handle=handle, store_owner=self.key, reserved=reserved)
+        job_id = upload_job_id(live.token)
+        if service.begin_decode_ahead(job_id, spec.task, handle.local_path, message.size):
+            live.ahead_job = job_id
         self.app.live[live.token] = live
         self._adopt(live, message.id)
         self.app.metrics.uploads.labels("accepted").inc()
@@ -386,6 +393,7 @@ class Session:
             raise
         if isinstance(event, Appended):
             self.app.metrics.upload_bytes.inc(len(chunk.data))
+            report_arrival(self.app, live, event.received)
         self.send(Progress(id=chunk.id, stage=Stage.UPLOAD, received=event.received,
                            total=event.total))
         if isinstance(event, Appended) and event.complete:
@@ -509,9 +517,30 @@ def unreserve(app: AppState, live: LiveUpload) -> None:
     live.reserved = 0
 
 
+ARRIVAL_STEP = 1 << 20
+"""Bytes between reports to a worker decoding an upload ahead (one message per MiB)."""
+
+
+def report_arrival(app: AppState, live: LiveUpload, received: int) -> None:
+    """Tell the worker decoding ``live`` ahead that its first ``received`` bytes are in."""
+    if live.ahead_job is None:
+        return
+    if received - live.ahead_reported >= ARRIVAL_STEP or received == live.meta.size:
+        live.ahead_reported = received
+        app.service.bytes_arrived(live.ahead_job, received)
+
+
+def end_decode_ahead(app: AppState, live: LiveUpload) -> None:
+    """The upload's decode ahead is no longer wanted (a no-op once its job took it)."""
+    if live.ahead_job is not None:
+        app.service.drop_decode(live.ahead_job)
+        live.ahead_job = None
+
+
 def forget(app: AppState, live: LiveUpload) -> None:
     """The upload is no longer live: its token and id name nothing from now on."""
     unreserve(app, live)
+    end_decode_ahead(app, live)
     if app.live.get(live.token) is live:
         del app.live[live.token]
         app.spawn(app.store.discard(live.token, live.store_owner), "discard-upload")
@@ -568,6 +597,7 @@ async def analyze_upload(
     except Exception as exc:
         _deliver_failure(app, live, exc)
     finally:
+        end_decode_ahead(app, live)
         if not handed_back:
             await app.store.release(finished.image)
         unreserve(app, live)

@@ -136,11 +136,22 @@ class _Source(Protocol):
         """Up to ``size`` bytes at ``offset``; fewer (or none) where the data ends."""
 
 
+WaitFor = Callable[[int], None]
+"""For data still arriving: ``wait_for(end)`` returns once the bytes below ``end`` are in (or
+raises to stop the decode)."""
+
+
+def _arrived(end: int) -> None:
+    """The ``wait_for`` of data that is all there."""
+
+
 class _BufferSource:
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, view: memoryview, wait_for: WaitFor = _arrived) -> None:
         self._view = view
+        self._wait_for = wait_for
 
     def peek(self, offset: int, size: int) -> bytes:
+        self._wait_for(min(offset + size, len(self._view)))
         return self._view[offset : offset + size].tobytes()
 
 
@@ -384,9 +395,10 @@ class _BufferReader(io.RawIOBase):
     """A read-only, seekable file over a memoryview: Pillow reads from it without a full copy
     (``io.BytesIO`` would copy a bytearray or memoryview up front)."""
 
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, view: memoryview, wait_for: WaitFor = _arrived) -> None:
         super().__init__()
         self._view = view
+        self._wait_for = wait_for
         self._pos = 0
 
     def readable(self) -> bool:
@@ -408,8 +420,48 @@ class _BufferReader(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         start = min(self._pos, len(self._view))
         end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
+        self._wait_for(end)
         self._pos = end
         return self._view[start:end].tobytes()
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+class _WaitingFile(io.RawIOBase):
+    """A file being filled in order: every read first waits for the bytes it covers."""
+
+    def __init__(self, file: IO[bytes], wait_for: WaitFor) -> None:
+        super().__init__()
+        self._file = file
+        self._wait_for = wait_for
+        self._size = os.fstat(file.fileno()).st_size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def read(self, size: int | None = -1) -> bytes:
+        position = self._file.tell()
+        end = self._size if size is None or size < 0 else min(position + size, self._size)
+        self._wait_for(end)
+        return self._file.read(max(0, end - position))
 
     def readall(self) -> bytes:
         return self.read()
@@ -425,6 +477,7 @@ def decode(
     *,
     max_pixels: int,
     hint: DecodeHint,
+    wait_for: WaitFor = _arrived,
 ) -> DecodedImage:
     """Decode a whole image file into an RGB Pillow image no larger than the model needs.
 
@@ -432,7 +485,9 @@ def decode(
     mutate it during the call), or a path (``str``/``os.PathLike``) to a file that is opened
     and read from directly. JPEG, PNG, GIF and BMP are read a piece at a time; Pillow's WebP
     reader (and its TIFF reader, for buffers) takes one whole copy. CPU-bound and blocking:
-    call it in a worker process or thread, not on the event loop.
+    call it in a worker process or thread, not on the event loop. ``wait_for`` lets the
+    decode begin while the file or buffer is still being filled, in order, from its start:
+    no byte is read before ``wait_for`` has returned for an offset beyond it.
 
     Steps: the header is parsed (:func:`probe`) and ``width * height`` checked against
     ``max_pixels`` before Pillow even opens the file; Pillow's lazily-opened size is checked
@@ -459,13 +514,18 @@ def decode(
     if hint.min_short_side is not None and hint.min_short_side < 1:
         raise ValueError("hint.min_short_side must be positive or None")
     if isinstance(data, (str, os.PathLike)):
-        with open(data, "rb") as fp:
+        with open(data, "rb") as file:
+            fp = file if wait_for is _arrived else cast(IO[bytes], _WaitingFile(file, wait_for))
             header = _header(_FileSource(fp), max_pixels)
             return _decode_file(fp, header, max_pixels, hint.min_short_side)
     view = _byte_view(data)
-    header = _header(_BufferSource(view), max_pixels)
+    header = _header(_BufferSource(view, wait_for), max_pixels)
     # BytesIO shares a bytes object's memory; other buffers get the zero-copy reader.
-    reader = io.BytesIO(data) if isinstance(data, bytes) else cast(IO[bytes], _BufferReader(view))
+    reader: IO[bytes]
+    if isinstance(data, bytes) and wait_for is _arrived:
+        reader = io.BytesIO(data)
+    else:
+        reader = cast(IO[bytes], _BufferReader(view, wait_for))
     return _decode_file(reader, header, max_pixels, hint.min_short_side)
 
 
@@ -486,8 +546,10 @@ def _decode_file(
             # only be noise (or, under -W error, an exception of the wrong kind). Likewise its
             # UserWarnings about damaged metadata ("Corrupt EXIF data", "Tag data larger than
             # file"): a client's bad file is answered, not logged. (catch_warnings swaps the
-            # process-wide filter list: decodes in concurrent threads could restore each
-            # other's filters; the worker process decodes one image at a time.)
+            # process-wide filter list, so decodes on concurrent threads, as a worker's
+            # decodes ahead are, may restore each other's filters: at worst a metadata
+            # warning reaches the log. Workers set no pixel limit of Pillow's, so no bomb
+            # warning can turn up in their place.)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             image = Image.open(fp, formats=[header.format])

@@ -32,8 +32,12 @@ from chunking.errors import ErrorCode, ProtocolError
 from server.metrics import Metrics
 from server.pipeline.jobs import (
     Batch,
+    BytesArrived,
+    DecodeAhead,
     Dispatched,
+    DropDecode,
     Job,
+    JobDone,
     JobFailed,
     Queued,
     Shutdown,
@@ -49,6 +53,9 @@ log = logging.getLogger("pixelstream.pool")
 
 MAX_ATTEMPTS = 2
 """A job whose worker died is run once more before it fails."""
+
+MAX_DECODES_AHEAD = 2
+"""Uploads a worker decodes while they arrive, at most at once; the rest decode as jobs."""
 
 
 @dataclass(eq=False)
@@ -70,6 +77,8 @@ class _Worker:
     deadline: asyncio.TimerHandle | None = None
     """Kills the worker if its batch is not done in time (``job_timeout_s``)."""
     hung: bool = False
+    ahead: set[str] = field(default_factory=set)
+    """Job ids whose uploads this worker is decoding as they arrive."""
 
     @property
     def idle(self) -> bool:
@@ -104,6 +113,7 @@ class WorkerPool:
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._ready_changed = asyncio.Event()
+        self._ahead: dict[str, _Worker] = {}
         self.startup_error: str | None = None
         self.batches_sent = 0
 
@@ -217,6 +227,41 @@ class WorkerPool:
                 return
         # Running: the worker finishes it, and _on_event finds the ticket finished.
 
+    # Decoding ahead (see server.pipeline.decode_ahead) ----------------------------------------
+
+    def decode_ahead(self, job_id: str, task: str, path: str, size: int,
+                     max_pixels: int) -> bool:
+        """Have a worker decode the spool file at ``path`` while its bytes arrive; report them
+        with :meth:`bytes_arrived`. False when every worker already decodes its share."""
+        if job_id in self._ahead:
+            return True
+        candidates = [w for w in self._workers if w.ready and len(w.ahead) < MAX_DECODES_AHEAD]
+        if not candidates:
+            return False
+        worker = min(candidates, key=lambda w: (len(w.ahead), len(w.in_flight)))
+        worker.ahead.add(job_id)
+        self._ahead[job_id] = worker
+        self._post(worker, DecodeAhead(job_id, task, path, size, max_pixels))
+        return True
+
+    def bytes_arrived(self, job_id: str, received: int) -> None:
+        worker = self._ahead.get(job_id)
+        if worker is not None:
+            self._post(worker, BytesArrived(job_id, received))
+
+    def drop_decode(self, job_id: str) -> None:
+        """The upload ended without its job reaching the worker that decodes it ahead (a
+        no-op once the job has)."""
+        worker = self._ahead.pop(job_id, None)
+        if worker is not None:
+            worker.ahead.discard(job_id)
+            self._post(worker, DropDecode(job_id))
+            self._metrics.decodes_ahead.labels("dropped").inc()
+
+    def _post(self, worker: _Worker, message: DecodeAhead | BytesArrived | DropDecode) -> None:
+        with contextlib.suppress(OSError):  # a dying worker: its reader reports the exit
+            worker.conn.send(message)
+
     def _positions_changed(self) -> None:
         for index, pending in enumerate(self._pending, start=1):
             if pending.position != index:
@@ -231,7 +276,10 @@ class WorkerPool:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                worker = next((w for w in self._workers if w.idle), None)
+                # The worker decoding the oldest job's image ahead takes it, when idle.
+                holder = self._ahead.get(self._pending[0].ticket.job.job_id)
+                worker = holder if holder is not None and holder.idle else next(
+                    (w for w in self._workers if w.idle), None)
                 if worker is None:
                     break
                 task = self._pending[0].ticket.job.task
@@ -256,6 +304,12 @@ class WorkerPool:
         self._pending = kept
         now = time.monotonic()
         for pending in taken:
+            job_id = pending.ticket.job.job_id
+            if self._ahead.get(job_id) is worker:  # the worker takes its decode over
+                del self._ahead[job_id]
+                worker.ahead.discard(job_id)
+            else:
+                self.drop_decode(job_id)
             pending.attempts += 1
             worker.in_flight[pending.ticket.job.job_id] = pending
             pending.ticket.put(Dispatched(queue_ms=(now - pending.enqueued) * 1000))
@@ -295,6 +349,8 @@ class WorkerPool:
                     pending.ticket.put(StageReached([job_id], event.stage))
             return
         pending = worker.in_flight.pop(event.job_id, None)
+        if isinstance(event, JobDone) and event.decoded_ahead:
+            self._metrics.decodes_ahead.labels("used").inc()
         if pending is not None:
             pending.ticket.put(event)
         if not worker.in_flight:
@@ -323,6 +379,9 @@ class WorkerPool:
             return
         self._workers.remove(worker)
         self._clear_deadline(worker)
+        for job_id in worker.ahead:
+            self._ahead.pop(job_id, None)
+        worker.ahead.clear()
         worker.conn.close()
         self._metrics.workers_ready.set(self.workers_ready)
         if self._stopping:

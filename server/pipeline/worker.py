@@ -21,9 +21,13 @@ from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.logs import configure_from_environment
 from server.pipeline.analyzers.base import Analyzer, TaskSpec
-from server.pipeline.decode import decode
+from server.pipeline.decode import DecodedImage, decode
+from server.pipeline.decode_ahead import DecodesAhead
 from server.pipeline.jobs import (
     Batch,
+    BytesArrived,
+    DecodeAhead,
+    DropDecode,
     Job,
     JobDone,
     JobFailed,
@@ -65,6 +69,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     # own default limit (about 179 MP) would otherwise cap a larger configured max_pixels.
     Image.MAX_IMAGE_PIXELS = None
     analyzers = load_analyzers(config.specs)
+    ahead = DecodesAhead(analyzers)
     conn.send(WorkerReady(pid=os.getpid(), models={t: a.model_id for t, a in analyzers.items()}))
     while True:
         try:
@@ -73,9 +78,15 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
             return  # the gateway is gone
         if isinstance(message, Shutdown):
             return
-        if isinstance(message, Batch):
-            for event in run_batch(analyzers, message):
+        if isinstance(message, BytesArrived):
+            ahead.arrived(message.job_id, message.received)
+        elif isinstance(message, Batch):
+            for event in run_batch(analyzers, message, ahead):
                 conn.send(event)
+        elif isinstance(message, DecodeAhead):
+            ahead.start(message)
+        elif isinstance(message, DropDecode):
+            ahead.drop(message.job_id)
 
 
 @dataclass
@@ -84,6 +95,7 @@ class _Prepared:
     image: dict[str, Any]
     item: Any
     decode_ms: float
+    decoded_ahead: bool
 
 
 def _fault(job: Job, what: str) -> JobFailed:
@@ -91,8 +103,10 @@ def _fault(job: Job, what: str) -> JobFailed:
     return JobFailed(job.job_id, ErrorCode.INTERNAL, f"{what} failed on the server")
 
 
-def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch) -> Iterator[WorkerEvent]:
-    """Decode, preprocess, predict and encode one batch; yields stage events and outcomes."""
+def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch,
+              ahead: DecodesAhead | None = None) -> Iterator[WorkerEvent]:
+    """Decode, preprocess, predict and encode one batch; yields stage events and outcomes.
+    A job whose image ``ahead`` decoded while it arrived takes that image instead."""
     prepared: list[_Prepared] = []
     for job in batch.jobs:
         analyzer = analyzers.get(job.task)
@@ -104,7 +118,12 @@ def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch) -> Iterator[Worke
         source = job.image.path if job.image.path is not None else job.image.data
         try:
             assert source is not None
-            decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode_hint)
+            decoded: DecodedImage | None = None
+            if ahead is not None and job.image.path is not None:
+                decoded = ahead.take(job.job_id, job.image.path)
+            decoded_ahead = decoded is not None
+            if decoded is None:
+                decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode_hint)
             item = analyzer.preprocess(decoded.image, job.options)
         except ProtocolError as exc:
             yield JobFailed(job.job_id, exc.code, exc.message)
@@ -117,7 +136,7 @@ def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch) -> Iterator[Worke
             yield _fault(job, "decoding")
             continue
         decode_ms = (time.perf_counter() - started) * 1000
-        prepared.append(_Prepared(job, decoded.info.to_dict(), item, decode_ms))
+        prepared.append(_Prepared(job, decoded.info.to_dict(), item, decode_ms, decoded_ahead))
     if not prepared:
         return
     analyzer = analyzers[prepared[0].job.task]
@@ -148,4 +167,5 @@ def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch) -> Iterator[Worke
             yield _fault(p.job, "inference")
             continue
         timings = {"decode": round(p.decode_ms, 3), "inference": round(inference_ms, 3)}
-        yield JobDone(p.job.job_id, result=result, image=p.image, timings_ms=timings)
+        yield JobDone(p.job.job_id, result=result, image=p.image, timings_ms=timings,
+                      decoded_ahead=p.decoded_ahead)

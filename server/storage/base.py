@@ -64,6 +64,11 @@ class UploadHandle(Protocol):
     def complete(self) -> bool:
         """Every byte is in and the upload was handed to analysis (see ``finish``)."""
 
+    @property
+    def local_path(self) -> str | None:
+        """The file on this machine the bytes are written into, in order, as they arrive
+        (a worker may read it meanwhile); None when the store keeps them elsewhere."""
+
 
 class UploadStore(Protocol):
     """Partial uploads, addressed by resume token, owned by one socket at a time.

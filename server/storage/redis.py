@@ -138,6 +138,8 @@ class RedisUpload:
     hasher: Any = field(default=None, repr=False)
     """SHA-256 state of bytes this process appended, valid while ``hashed == received``."""
     hashed: int = 0
+    local_path: str | None = None
+    """The bytes live in Redis, not in a file here."""
 
 
 def _encode_meta(meta: UploadMeta) -> bytes:

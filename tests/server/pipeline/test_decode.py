@@ -925,3 +925,65 @@ def test_animated_images_give_their_first_frame(fmt: str, params: dict[str, obje
     result = run_decode(data)
     assert result.info == ImageInfo(32, 24, fmt)
     assert np.all(np.abs(pixels(result) - [255, 0, 0]) <= 2)
+
+
+# ------------------------------------------------------------------------------------------
+# Decoding while the bytes arrive (wait_for)
+
+
+class Arrival:
+    """A buffer that starts as garbage and receives the real file ``step`` bytes at a time,
+    only when the decoder asks (``wait_for``): any byte read before it was asked for is
+    garbage, and the decode fails or differs."""
+
+    def __init__(self, data: bytes, step: int, path: Path | None = None) -> None:
+        self.data = data
+        self.step = step
+        self.buffer = bytearray(b"\xa5" * len(data))
+        self.path = path
+        if path is not None:
+            path.write_bytes(self.buffer)
+        self.received = 0
+        self.asked: list[int] = []
+
+    def wait_for(self, end: int) -> None:
+        self.asked.append(end)
+        while self.received < end:
+            stop = min(len(self.data), self.received + self.step)
+            self.buffer[self.received:stop] = self.data[self.received:stop]
+            if self.path is not None:
+                with open(self.path, "r+b") as file:
+                    file.seek(self.received)
+                    file.write(self.data[self.received:stop])
+            self.received = stop
+
+
+@pytest.mark.parametrize("source", ["buffer", "file"])
+@pytest.mark.parametrize(("fmt", "hint"), [("JPEG", 64), ("PNG", 64), ("JPEG", None),
+                                            ("GIF", 64), ("BMP", None)])
+def test_a_decode_reads_only_bytes_that_have_arrived(fmt: str, hint: int | None, source: str,
+                                                     tmp_path: Path) -> None:
+    data = encode(pattern_image(900, 600, seed=4), fmt)
+    arrival = Arrival(data, step=4096, path=tmp_path / "arriving" if source == "file" else None)
+    whole = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(hint))
+    ahead = decode(arrival.path or memoryview(arrival.buffer), max_pixels=DEFAULT_MAX_PIXELS,
+                   hint=DecodeHint(hint), wait_for=arrival.wait_for)
+    assert ahead.info == whole.info
+    assert ahead.image.size == whole.image.size
+    assert ahead.image.tobytes() == whole.image.tobytes()
+    assert len(arrival.asked) > 2  # asked piece by piece, not for everything at once
+
+
+def test_a_decode_stopped_while_waiting_raises_the_waiters_exception() -> None:
+    data = encode(pattern_image(300, 200), "JPEG")
+
+    class Stop(Exception):
+        pass
+
+    def wait_for(end: int) -> None:
+        if end > 1000:
+            raise Stop
+
+    with pytest.raises(Stop):
+        decode(memoryview(bytearray(data)), max_pixels=DEFAULT_MAX_PIXELS,
+               hint=DecodeHint(64), wait_for=wait_for)

@@ -13,7 +13,16 @@ from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.pipeline.analyzers.base import DecodeHint
 from server.pipeline.analyzers.colors import ColorsSpec
-from server.pipeline.jobs import Batch, Job, JobDone, JobFailed, StageReached, WorkerEvent
+from server.pipeline.decode_ahead import DecodesAhead
+from server.pipeline.jobs import (
+    Batch,
+    DecodeAhead,
+    Job,
+    JobDone,
+    JobFailed,
+    StageReached,
+    WorkerEvent,
+)
 from server.pipeline.worker import WorkerConfig, load_analyzers, run_batch
 from server.storage.base import ImageRef
 from tests.conftest import make_image
@@ -249,3 +258,22 @@ def test_load_analyzers_builds_and_loads_one_per_spec() -> None:
     analyzers = load_analyzers(WorkerConfig((ColorsSpec(),)).specs)
     assert list(analyzers) == ["colors"]
     assert analyzers["colors"].model_id == ColorsSpec().model_id
+
+
+def test_a_job_takes_the_image_its_worker_decoded_ahead(tmp_path: Path) -> None:
+    data = png(40)
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    analyzer = FakeAnalyzer()
+    ahead = DecodesAhead({"fake": analyzer})  # type: ignore[dict-item]
+    ahead.start(DecodeAhead("7", "fake", str(path), len(data), MAX_PIXELS))
+    image = ImageRef(size=len(data), path=str(path))
+    jobs = [Job("7", "fake", {}, image, MAX_PIXELS), Job("8", "fake", {}, image, MAX_PIXELS)]
+    done = outcomes(list(run_batch({"fake": analyzer}, Batch(jobs), ahead)))
+    decoded_ahead, decoded_here = done["7"], done["8"]  # type: ignore[index]
+    assert isinstance(decoded_ahead, JobDone)
+    assert isinstance(decoded_here, JobDone)
+    assert decoded_ahead.decoded_ahead
+    assert not decoded_here.decoded_ahead
+    assert decoded_ahead.result == decoded_here.result == {"value": 400, "options": {}}
+    assert len(ahead) == 0
