@@ -4,7 +4,8 @@
 (``Queued`` with the live queue position, ``Dispatched``, ``StageReached``, then ``JobDone`` or
 ``JobFailed``). When a worker is free, the batcher takes the oldest job and up to
 ``max_batch_size - 1`` more of the same task; if fewer are waiting, it waits up to
-``max_wait_ms`` (from the oldest job's arrival) for the batch to fill.
+``max_wait_ms`` (from the oldest job's arrival) for the batch to fill, when jobs have lately
+been arriving closer together than that (else the wait would only add latency).
 
 Workers are spawned processes (never forked: the gateway has threads and an event loop). A
 reader thread per worker turns its pipe into calls on the event loop. A worker that dies is
@@ -53,6 +54,9 @@ log = logging.getLogger("pixelstream.pool")
 
 MAX_ATTEMPTS = 2
 """A job whose worker died is run once more before it fails."""
+
+GAP_WEIGHT = 0.25
+"""Weight of the newest gap between two jobs' arrivals in the running average of gaps."""
 
 MAX_DECODES_AHEAD = 2
 """Uploads a worker decodes while they arrive, at most at once; the rest decode as jobs."""
@@ -114,6 +118,9 @@ class WorkerPool:
         self._stopping = False
         self._ready_changed = asyncio.Event()
         self._ahead: dict[str, _Worker] = {}
+        self._last_arrival: float | None = None
+        self._arrival_gap: float | None = None
+        """Running average of the time between jobs' arrivals (seconds)."""
         self.startup_error: str | None = None
         self.batches_sent = 0
 
@@ -203,7 +210,13 @@ class WorkerPool:
             )
         job = Job(job_id or str(next(self._job_ids)), task, options, image, max_pixels)
         ticket = Ticket(job, self._cancel)
-        pending = _Pending(ticket, time.monotonic())
+        now = time.monotonic()
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            average = self._arrival_gap
+            self._arrival_gap = gap if average is None else average + GAP_WEIGHT * (gap - average)
+        self._last_arrival = now
+        pending = _Pending(ticket, now)
         self._pending.append(pending)
         pending.position = len(self._pending)
         ticket.put(Queued(pending.position))
@@ -226,6 +239,14 @@ class WorkerPool:
                 self._positions_changed()
                 return
         # Running: the worker finishes it, and _on_event finds the ticket finished.
+
+    @property
+    def _company_likely(self) -> bool:
+        """Whether waiting up to ``max_wait_ms`` is likely to bring more jobs for a batch:
+        only while jobs have been arriving closer together than that. A lone request, or
+        one client's requests one after another, does not wait for company that never
+        comes."""
+        return self._arrival_gap is not None and self._arrival_gap < self.max_wait_s
 
     # Decoding ahead (see server.pipeline.decode_ahead) ----------------------------------------
 
@@ -285,7 +306,7 @@ class WorkerPool:
                 task = self._pending[0].ticket.job.task
                 same_task = sum(1 for p in self._pending if p.ticket.job.task == task)
                 remaining = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
-                if same_task < self.max_batch_size and remaining > 0:
+                if same_task < self.max_batch_size and remaining > 0 and self._company_likely:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(remaining):
                             await self._wakeup.wait()

@@ -224,13 +224,23 @@ async def test_a_batch_that_fills_goes_before_max_wait(make_pool: PoolFactory) -
     assert all(e.queue_ms < 60_000 for e in dispatched)
 
 
-async def test_a_lone_job_runs_once_max_wait_has_passed(make_pool: PoolFactory) -> None:
+async def test_jobs_arriving_together_wait_up_to_max_wait_for_more(make_pool: PoolFactory
+                                                                    ) -> None:
     pool = await make_pool(max_batch_size=8, max_wait_ms=100)
-    job = submit(pool)
-    assert isinstance(await job.outcome(), JobDone)
+    jobs = [submit(pool), submit(pool)]  # close together: more may be on their way
+    for job in jobs:
+        assert isinstance(await job.outcome(), JobDone)
     assert pool.batches_sent == 1
-    (dispatched,) = [e for e in job.seen if isinstance(e, Dispatched)]
-    assert dispatched.queue_ms >= 100  # it waited for company that never came
+    dispatched = [e for job in jobs for e in job.seen if isinstance(e, Dispatched)]
+    assert len(dispatched) == 2
+    assert all(e.queue_ms >= 100 for e in dispatched)  # they waited for company
+
+
+async def test_a_lone_job_does_not_wait_for_company(make_pool: PoolFactory) -> None:
+    pool = await make_pool(max_batch_size=8, max_wait_ms=3_600_000)
+    job = submit(pool)  # the first job: nothing says more will come
+    assert isinstance(await job.outcome(), JobDone)  # within WAIT_S, not max_wait's hour
+    assert pool.batches_sent == 1
 
 
 async def test_a_bad_image_fails_alone_while_its_batch_succeeds(make_pool: PoolFactory) -> None:
