@@ -4,7 +4,8 @@ A huge JPEG takes longer to decode (libjpeg reads every byte, even at 1/8 scale)
 upload over a fast link. The gateway tells a worker where an upload's spool file is as soon
 as the upload begins (:class:`~server.pipeline.jobs.DecodeAhead`), then how many bytes are in
 place as chunks land (:class:`~server.pipeline.jobs.BytesArrived`). The worker decodes on a
-thread of its own, blocking (never polling) whenever the decoder reaches bytes not yet in.
+thread beside its main one, blocking (never polling) whenever the decoder reaches bytes not
+yet in.
 When the upload's job reaches that worker, :meth:`DecodesAhead.take` hands over the decoded
 image, usually finished or nearly so.
 
@@ -34,19 +35,16 @@ class DecodeDropped(Exception):
 
 
 class AheadDecode:
-    """One upload's decode on its own thread, fed the count of bytes in place."""
+    """One upload's decode on one of ``threads``, fed the count of bytes in place."""
 
-    def __init__(self, request: DecodeAhead, analyzer: Analyzer) -> None:
+    def __init__(self, request: DecodeAhead, analyzer: Analyzer,
+                 threads: concurrent.futures.Executor) -> None:
         self.request = request
         self._received = 0
         self._dropped = False
         self._arrived = threading.Condition()
         self.outcome: concurrent.futures.Future[DecodedImage] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(analyzer,), name=f"decode-ahead-{request.job_id[:10]}",
-            daemon=True,
-        )
-        self._thread.start()
+        threads.submit(self._run, analyzer)
 
     def arrived(self, received: int) -> None:
         with self._arrived:
@@ -82,9 +80,11 @@ class AheadDecode:
 class DecodesAhead:
     """A worker's decodes ahead, by job id. Used from the worker's main thread only."""
 
-    def __init__(self, analyzers: Mapping[str, Analyzer]) -> None:
+    def __init__(self, analyzers: Mapping[str, Analyzer], threads: int = 2) -> None:
         self._analyzers = analyzers
         self._running: dict[str, AheadDecode] = {}
+        # Long-lived threads: each new thread would fill (and glibc keep) a malloc arena.
+        self._threads = concurrent.futures.ThreadPoolExecutor(threads, "decode-ahead")
 
     def __len__(self) -> int:
         return len(self._running)
@@ -93,7 +93,7 @@ class DecodesAhead:
         analyzer = self._analyzers.get(request.task)
         if analyzer is None or request.job_id in self._running:
             return
-        self._running[request.job_id] = AheadDecode(request, analyzer)
+        self._running[request.job_id] = AheadDecode(request, analyzer, self._threads)
 
     def arrived(self, job_id: str, received: int) -> None:
         ahead = self._running.get(job_id)
@@ -104,6 +104,12 @@ class DecodesAhead:
         ahead = self._running.pop(job_id, None)
         if ahead is not None:
             ahead.drop()
+
+    def close(self) -> None:
+        """Drop every decode and wait for their threads (the process may then exit)."""
+        for job_id in list(self._running):
+            self.drop(job_id)
+        self._threads.shutdown(wait=True)
 
     def take(self, job_id: str, path: str | None) -> DecodedImage | None:
         """The image decoded ahead for this job (waiting for the decode to end), or None when

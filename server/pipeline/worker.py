@@ -71,6 +71,14 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     analyzers = load_analyzers(config.specs)
     ahead = DecodesAhead(analyzers)
     conn.send(WorkerReady(pid=os.getpid(), models={t: a.model_id for t, a in analyzers.items()}))
+    try:
+        serve(conn, analyzers, ahead)
+    finally:
+        ahead.close()
+
+
+def serve(conn: Connection, analyzers: Mapping[str, Analyzer], ahead: DecodesAhead) -> None:
+    """The worker's loop: batches and decodes ahead, until told to stop or the gateway goes."""
     while True:
         try:
             message = conn.recv()

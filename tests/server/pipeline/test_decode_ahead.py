@@ -7,8 +7,10 @@ the decode's future, never on time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,12 @@ def spool(tmp_path: Path) -> SpoolFile:
     return SpoolFile(tmp_path / "upload", jpeg())
 
 
+@pytest.fixture
+def threads() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        yield executor
+
+
 def whole(data: bytes) -> bytes:
     return decode(data, max_pixels=MAX_PIXELS, hint=HintOnly.decode_hint).image.tobytes()
 
@@ -84,9 +92,11 @@ def test_an_upload_decoded_as_it_arrives_is_the_image_decoded_whole(spool: Spool
     assert len(ahead) == 0
 
 
-def test_a_decode_waits_for_reported_bytes_not_written_ones(spool: SpoolFile) -> None:
+def test_a_decode_waits_for_reported_bytes_not_written_ones(
+    spool: SpoolFile, threads: concurrent.futures.Executor
+) -> None:
     """Bytes written but not yet reported are not read: reports are what count."""
-    decode_ahead = AheadDecode(request(spool), HintOnly())  # type: ignore[arg-type]
+    decode_ahead = AheadDecode(request(spool), HintOnly(), threads)  # type: ignore[arg-type]
     spool.write_to(len(spool.data))
     decode_ahead.arrived(100)
     decode_ahead.drop()
@@ -128,8 +138,19 @@ def test_a_task_this_worker_lacks_is_not_decoded_ahead(spool: SpoolFile) -> None
     assert ahead.take("u-1", str(spool.path)) is None
 
 
-def test_a_file_of_the_wrong_size_is_not_decoded(spool: SpoolFile) -> None:
+def test_a_file_of_the_wrong_size_is_not_decoded(
+    spool: SpoolFile, threads: concurrent.futures.Executor
+) -> None:
     spool.write_to(len(spool.data))
     wrong = DecodeAhead("u-1", "fake", str(spool.path), len(spool.data) + 1, MAX_PIXELS)
-    decode_ahead = AheadDecode(wrong, HintOnly())  # type: ignore[arg-type]
+    decode_ahead = AheadDecode(wrong, HintOnly(), threads)  # type: ignore[arg-type]
     assert isinstance(decode_ahead.outcome.exception(WAIT_S), ValueError)
+
+
+def test_closing_ends_decodes_still_waiting_for_bytes(spool: SpoolFile) -> None:
+    ahead = DecodesAhead({"fake": HintOnly()})  # type: ignore[dict-item]
+    ahead.start(request(spool, "u-1"))
+    ahead.start(request(spool, "u-2"))
+    waiting = list(ahead._running.values())
+    ahead.close()  # returns: no thread is left waiting for bytes that will never come
+    assert all(isinstance(a.outcome.exception(0), DecodeDropped) for a in waiting)

@@ -407,9 +407,12 @@ async def test_stop_terminates_every_worker(make_pool: PoolFactory, gate_path: s
             assert isinstance(await job.outcome(), JobFailed)
 
 
-async def test_stop_lets_idle_workers_exit(make_pool: PoolFactory) -> None:
+async def test_stop_lets_idle_workers_exit(make_pool: PoolFactory, tmp_path: Path) -> None:
     pool = await make_pool(workers=2)
     assert isinstance(await submit(pool).outcome(), JobDone)
+    # A decode ahead still waiting for bytes does not hold its worker back.
+    assert pool.decode_ahead("u-1", "colors", str(arriving_file(tmp_path)), len(JPEG),
+                             MAX_PIXELS)
     pids = pool.worker_pids
     started = time.monotonic()
     async with asyncio.timeout(WAIT_S):
