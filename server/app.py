@@ -247,6 +247,7 @@ def create_app(
             allow_credentials=False,
             max_age=600,
         )
+    ws.quiet_refusals()
     app.include_router(ws.router)
     app.include_router(http_api.router)
     # The demo page's assets; static/client links to client_js/src, so the page loads the

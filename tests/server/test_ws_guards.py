@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from server.ws import UVICORN_NO_HANDSHAKE, RefusalNoise
 from tests.conftest import WAIT_S, RunningServer, connect, unique_image
 from tests.support.raw_ws import OP_CONT, OP_TEXT, RawWebSocket, frame_bytes
 
@@ -37,7 +39,9 @@ async def until(predicate: Any, what: str) -> None:
 # Handshake refusals -------------------------------------------------------------------------
 
 
-async def test_handshake_refusals_are_counted_by_reason(server_factory, tmp_path: Path) -> None:
+async def test_handshake_refusals_are_counted_by_reason(server_factory, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
     tokens = tmp_path / "tokens"
     tokens.write_text(hashlib.sha256(b"from-the-file").hexdigest() + "\n")
     server = server_factory(api_tokens_file=tokens, max_connections_per_client=1)
@@ -56,6 +60,16 @@ async def test_handshake_refusals_are_counted_by_reason(server_factory, tmp_path
     assert sample(server, "pixelstream_handshake_refusals_total", reason="forbidden_origin") == 1
     assert sample(server, "pixelstream_handshake_refusals_total",
                   reason="too_many_connections") == 1
+    # Refusals are answers, not faults: uvicorn's "without completing handshake" error is not
+    # logged for them (its log of the refusal's status line is).
+    assert not [r for r in caplog.records if UVICORN_NO_HANDSHAKE in r.getMessage()]
+    assert [r for r in caplog.records if '"WebSocket /v1/ws" 401' in r.getMessage()]
+
+
+def test_the_handshake_error_is_kept_outside_a_refusal() -> None:
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1,
+                               UVICORN_NO_HANDSHAKE + ".", None, None)
+    assert RefusalNoise().filter(record)
 
 
 # The idle timeout ---------------------------------------------------------------------------
