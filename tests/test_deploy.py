@@ -524,6 +524,7 @@ def test_compose_gateways_serve_without_local_workers_and_trust_only_the_lb(
         assert settings.redis_url == "redis://redis:6379/0"
         assert settings.forwarded_allow_ips == "*"
         assert settings.host == "0.0.0.0"
+        assert settings.log_format == "json"
         # "*" is safe only because nothing but the load balancer reaches them.
         assert "ports" not in service
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -535,6 +536,7 @@ def test_compose_runs_two_single_process_workers(compose: Compose, runtime: Stag
                                         {**runtime.env(), **_compose_env(worker)})
     assert args.command == "worker"
     assert settings.redis_url == "redis://redis:6379/0"
+    assert settings.log_format == "json"
     assert settings.workers * worker["deploy"]["replicas"] == 2
     assert worker["healthcheck"] == {"disable": True}  # no HTTP port on a worker
     assert "ports" not in worker
@@ -713,6 +715,7 @@ def test_gateways_and_workers_run_the_dockerfile_s_image_and_commands(
                                             {**runtime.env(), **_k8s_env(container)})
         assert args.command == {"gateway": "serve", "worker": "worker"}[name]
         assert settings.redis_url
+        assert settings.log_format == "json"  # for the cluster's log collector
         if name == "gateway":
             assert settings.workers == 0  # inference only on the workers
 
