@@ -57,6 +57,8 @@ class AnalysisService:
         if default_task not in specs:
             raise ValueError(f"default task {default_task!r} is not among {sorted(specs)}")
         self.specs = dict(specs)
+        for spec in self.specs.values():
+            spec.model_revision  # noqa: B018 -- read once now (it may stat a model folder)
         self.default_task = default_task
         self.pool = pool
         self.cache = cache
@@ -94,10 +96,13 @@ class AnalysisService:
     @staticmethod
     def cache_key(sha256: str, spec: TaskSpec, options: Mapping[str, Any],
                   principal: str | None = None) -> str:
-        """The result's key: the image, task, model and options, and the principal when the
-        server has tokens, so that a client cannot learn (from ``cached: true``, or from the
-        answer to a bare checksum) what another client analysed."""
+        """The result's key: the image, task, model (and its weights' revision) and options,
+        and the principal when the server has tokens, so that a client cannot learn (from
+        ``cached: true``, or from the answer to a bare checksum) what another client
+        analysed."""
         described: dict[str, Any] = {"task": spec.task, "model": spec.model_id, "options": options}
+        if spec.model_revision:
+            described["revision"] = spec.model_revision
         if principal is not None:
             described["principal"] = principal
         canonical = orjson.dumps(described, option=orjson.OPT_SORT_KEYS)

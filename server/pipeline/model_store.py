@@ -372,6 +372,19 @@ def local_model_id(folder: Path) -> str:
     return folder.absolute().name
 
 
+def folder_revision(folder: Path) -> str:
+    """A fingerprint of a model folder: every file's path, size and modification time. It
+    changes when weights are retrained or copied into the folder (without reading them: a
+    model may be gigabytes). The same files copied elsewhere may get another one; that costs
+    cache hits, never a stale result."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                      .encode())
+    return digest.hexdigest()[:16]
+
+
 def _looks_like_path(model: str) -> bool:
     return (
         model.startswith(("/", "./", "../", "~", ".\\", "..\\"))

@@ -35,6 +35,7 @@ class FakeSpec:
 
     task: str = "fake"
     model_id: str = "test/fake-v1"
+    model_revision: str = ""
 
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         if "bad" in options:
@@ -122,12 +123,13 @@ def test_cache_key_is_stable_under_option_key_order() -> None:
     assert one.startswith(SHA + ":")
 
 
-def test_cache_key_differs_by_image_task_options_and_model() -> None:
+def test_cache_key_differs_by_image_task_options_model_and_revision() -> None:
     base = AnalysisService.cache_key(SHA, FakeSpec(), {"a": 1})
     others = [
         AnalysisService.cache_key(hashlib.sha256(b"other").hexdigest(), FakeSpec(), {"a": 1}),
         AnalysisService.cache_key(SHA, FakeSpec(task="fake2"), {"a": 1}),
         AnalysisService.cache_key(SHA, FakeSpec(model_id="test/fake-v2"), {"a": 1}),
+        AnalysisService.cache_key(SHA, FakeSpec(model_revision="retrained"), {"a": 1}),
         AnalysisService.cache_key(SHA, FakeSpec(), {"a": 2}),
         AnalysisService.cache_key(SHA, FakeSpec(), {"a": "1"}),
         AnalysisService.cache_key(SHA, FakeSpec(), {}),

@@ -19,6 +19,10 @@ class BrokenSpec:
     def model_id(self) -> str:
         return "test/broken"
 
+    @property
+    def model_revision(self) -> str:
+        return ""
+
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 

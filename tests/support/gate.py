@@ -24,6 +24,10 @@ class GateSpec:
     def model_id(self) -> str:
         return "test/gate"
 
+    @property
+    def model_revision(self) -> str:
+        return ""
+
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 

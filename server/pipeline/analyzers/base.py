@@ -68,6 +68,11 @@ class TaskSpec(Protocol):
     def model_id(self) -> str:
         """Names the model in results and cache keys."""
 
+    @property
+    def model_revision(self) -> str:
+        """Changes whenever the model's weights do (empty for weights pinned by a release):
+        part of cache keys, so results of replaced weights are never served."""
+
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Return the options with defaults filled in, or raise :class:`OptionsError`."""
 

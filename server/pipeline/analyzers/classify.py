@@ -18,6 +18,7 @@ import numpy as np
 
 from server.pipeline.analyzers.base import DecodeHint, OptionsError
 from server.pipeline.model_store import (
+    folder_revision,
     model_id_for,
     quiet_transformers,
     resolve_model,
@@ -101,6 +102,7 @@ class ClassifySpec:
     def __init__(self, model: str | None = None) -> None:
         self.model = model
         self._model_id: str | None = None
+        self._model_revision: str | None = None
         self._max_top_k: int | None = None
 
     @property
@@ -110,6 +112,17 @@ class ClassifySpec:
         if self._model_id is None:
             self._model_id = model_id_for(self.model)
         return self._model_id
+
+    @property
+    def model_revision(self) -> str:
+        """For a model folder, a fingerprint of its files (see :func:`folder_revision`):
+        weights retrained into the same folder get new cache keys. The bundled model's weights
+        are pinned by a package version, and a hub id names its own weights: empty."""
+        if self._model_revision is None:
+            folder = Path(self.model).expanduser() if self.model is not None else None
+            is_folder = folder is not None and folder.is_dir()
+            self._model_revision = folder_revision(folder) if folder and is_folder else ""
+        return self._model_revision
 
     @property
     def max_top_k(self) -> int:

@@ -36,6 +36,10 @@ class ColorsSpec:
     def model_id(self) -> str:
         return MODEL_ID
 
+    @property
+    def model_revision(self) -> str:
+        return ""  # an algorithm, no weights
+
     def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         return _validate(options)
 

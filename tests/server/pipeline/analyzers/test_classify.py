@@ -92,6 +92,7 @@ def test_spec_of_a_local_folder_reads_only_its_json(tmp_path: Path) -> None:
     )
     spec = ClassifySpec(str(folder))
     assert spec.model_id == "birds"
+    assert len(spec.model_revision) == 16
     assert spec.max_top_k == 3
     assert spec.validate_options({}) == {"top_k": 3}
     assert spec.validate_options({"top_k": 2}) == {"top_k": 2}
@@ -360,3 +361,20 @@ def test_other_model_folders(tmp_path: Path, problem_type: str | None) -> None:
     encoded = analyzer.encode(outputs[0], spec.validate_options({"top_k": 2}))
     assert len(encoded["labels"]) == 2
     assert {item["label"] for item in encoded["labels"]} <= set(labels)
+
+
+def test_weights_replaced_in_a_folder_get_a_new_revision(tmp_path: Path) -> None:
+    folder = tmp_path / "birds"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"v1" * 100)
+    before = ClassifySpec(str(folder)).model_revision
+    assert ClassifySpec(str(folder)).model_revision == before  # stable while nothing changes
+    weights.write_bytes(b"v2" * 100)  # retrained in place: same name, same size
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    after = ClassifySpec(str(folder)).model_revision
+    assert after != before
+    assert ClassifySpec(str(folder)).model_id == "birds"  # results still name it the same
+    assert ClassifySpec().model_revision == ""  # the bundled weights are pinned
+    assert ClassifySpec("acme/vit-birds").model_revision == ""
