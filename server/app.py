@@ -154,6 +154,12 @@ async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> N
         await asyncio.gather(*flat, return_exceptions=True)
 
 
+def client_share(settings: Settings) -> int:
+    """The most of the memory budget one client's uploads may hold: a quarter, or one largest
+    upload if that is more."""
+    return max(settings.memory_budget_bytes // 4, settings.max_image_bytes)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -192,6 +198,7 @@ def create_app(
                     bytes_per_minute=settings.bytes_per_minute,
                 ),
                 budget=MemoryBudget(settings.memory_budget_bytes,
+                                    share=client_share(settings),
                                     on_change=metrics.memory_changed),
                 uploads_in_memory=not settings.redis_url,
             )

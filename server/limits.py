@@ -110,6 +110,9 @@ class MemoryBudget:
     * :meth:`reserve` for what can be refused: an upload reserves its declared size when it is
       accepted (so every accepted upload can complete: nothing waits for memory it needs to
       free memory), an HTTP body its declared length. False when it does not fit: ``busy``.
+      An upload's reservation names its ``owner`` (a client), and no owner may hold more than
+      ``share``: one client declaring uploads it never sends cannot take the whole budget.
+      (An HTTP body is held only until its deadline, ``http_body_timeout_s``.)
     * :meth:`charge` for what is already here: a message just received, a frame kept to run
       next. It may go over the limit; then :meth:`wait_for_room`, which every socket's reader
       awaits before reading its next message, holds the readers (backpressure, down to the
@@ -119,8 +122,12 @@ class MemoryBudget:
     frame analysed, an upload analysed or discarded), so the readers always resume.
     """
 
-    def __init__(self, limit: int, *, on_change: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, limit: int, *, share: int | None = None,
+                 on_change: Callable[[int, int], None] | None = None) -> None:
         self.limit = limit
+        self.share = limit if share is None else share
+        """The most one owner may hold in reservations."""
+        self._owned: dict[str, int] = {}
         self.held = 0
         self.peak = 0
         self.waiting = 0
@@ -133,12 +140,23 @@ class MemoryBudget:
     def over(self) -> bool:
         return self.held >= self.limit
 
-    def reserve(self, amount: int) -> bool:
-        """Charge ``amount`` if it fits under the limit; False (nothing charged) if not."""
+    def reserve(self, amount: int, owner: str | None = None) -> bool:
+        """Charge ``amount`` if it fits under the limit, and under ``share`` with what
+        ``owner`` holds already; False (nothing charged) if not. Give it back with
+        :meth:`release`, naming the same owner."""
         if self.held + amount > self.limit:
             return False
+        if owner is not None:
+            owned = self._owned.get(owner, 0) + amount
+            if owned > self.share:
+                return False
+            self._owned[owner] = owned
         self.charge(amount)
         return True
+
+    def owned(self, owner: str) -> int:
+        """What ``owner`` holds in reservations now."""
+        return self._owned.get(owner, 0)
 
     def charge(self, amount: int) -> None:
         self.held += amount
@@ -147,9 +165,15 @@ class MemoryBudget:
             self._room.clear()
         self._changed()
 
-    def release(self, amount: int) -> None:
+    def release(self, amount: int, owner: str | None = None) -> None:
         if amount <= 0:
             return
+        if owner is not None:
+            owned = self._owned.get(owner, 0) - amount
+            if owned > 0:
+                self._owned[owner] = owned
+            else:
+                self._owned.pop(owner, None)
         self.held = max(0, self.held - amount)
         if not self.over:
             self._room.set()

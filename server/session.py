@@ -127,6 +127,8 @@ class LiveUpload:
     reserved: int = 0
     """Bytes of the memory budget this upload holds (its size, while this process keeps its
     bytes); given back when it is forgotten or its image released."""
+    reserved_by: str | None = None
+    """The client the reservation counts against (the one that began the upload)."""
     ahead_job: str | None = None
     """The job id a worker decodes this upload ahead for, while its bytes arrive."""
     ahead_reported: int = 0
@@ -306,20 +308,26 @@ class Session:
                 self.app.metrics.uploads.labels("cached").inc()
                 return
         reserved = 0
+        budget = self.app.budget
         if self.app.uploads_in_memory:
-            if not self.app.budget.reserve(message.size):
+            if not budget.reserve(message.size, self.client):
+                over_share = budget.owned(self.client) + message.size > budget.share
                 raise ProtocolError(
-                    ErrorCode.BUSY, "the server holds all the upload bytes it may; retry later",
+                    ErrorCode.BUSY,
+                    "this client's unfinished uploads hold all the memory one client may; "
+                    "retry when one ends" if over_share
+                    else "the server holds all the upload bytes it may; retry later",
                     retry_after_ms=self.app.service.pool.retry_after_ms(),
                 )
             reserved = message.size
         try:
             handle = await self.app.store.create(meta, self.key)
         except BaseException:
-            self.app.budget.release(reserved)
+            budget.release(reserved, self.client)
             raise
         live = LiveUpload(token=handle.token, meta=meta, accepted_at=time.monotonic(),
-                          handle=handle, store_owner=self.key, reserved=reserved)
+                          handle=handle, store_owner=self.key, reserved=reserved,
+                          reserved_by=self.client)
         job_id = upload_job_id(live.token)
         if service.begin_decode_ahead(job_id, spec.task, handle.local_path, message.size):
             live.ahead_job = job_id
@@ -513,7 +521,7 @@ class Session:
 
 def unreserve(app: AppState, live: LiveUpload) -> None:
     """Give the upload's share of the memory budget back (once)."""
-    app.budget.release(live.reserved)
+    app.budget.release(live.reserved, live.reserved_by)
     live.reserved = 0
 
 

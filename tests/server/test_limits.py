@@ -141,6 +141,24 @@ def test_reservations_fit_under_the_limit_or_change_nothing() -> None:
     assert changes == [(600, 0), (1000, 0), (0, 0)]
 
 
+def test_one_owner_holds_at_most_its_share_of_the_reservations() -> None:
+    budget = MemoryBudget(1000, share=400)
+    assert budget.reserve(300, "alice")
+    assert not budget.reserve(101, "alice")  # over her share: refused, nothing held
+    assert (budget.held, budget.owned("alice")) == (300, 300)
+    assert budget.reserve(100, "alice")
+    assert budget.reserve(400, "bob")  # the others' room is untouched
+    assert budget.reserve(200)  # no owner: only the limit applies
+    assert not budget.reserve(1, "carol")  # the limit still binds everyone
+    budget.release(300, "alice")
+    assert budget.owned("alice") == 100
+    assert budget.reserve(300, "alice")
+    budget.release(400, "alice")
+    budget.release(400, "bob")
+    assert budget.owned("alice") == budget.owned("bob") == 0
+    assert budget.held == 200
+
+
 def test_charges_may_go_over_and_releases_never_go_negative() -> None:
     budget = MemoryBudget(100)
     budget.charge(150)

@@ -743,3 +743,29 @@ async def test_an_upload_answered_from_the_cache_drops_its_decode_ahead(server_f
     assert decodes_ahead(server, "used") == 1
     assert decodes_ahead(server, "dropped") == 1
     assert server.state.service.pool._ahead == {}
+
+
+async def test_one_client_cannot_reserve_the_whole_memory_budget(server_factory,
+                                                                 open_client) -> None:
+    """A client that declares uploads and never sends them holds at most its share (a
+    quarter of the budget, or one largest upload): other clients still get theirs."""
+    server = server_factory(api_tokens=("alice-token", "bob-token"),
+                            memory_budget_bytes=32 * 1024 * 1024)  # share: 8 MiB here
+    budget = server.state.budget
+    assert budget.share == 8 * 1024 * 1024
+    size = 5 * 1024 * 1024
+    async with open_client(f"{server.ws_url}?token=alice-token") as alice:
+        await alice.upload("a1", size)
+        await alice.expect("accepted", id="a1")
+        await alice.upload("a2", size)
+        refused = await alice.expect("error", id="a2")
+        assert refused["code"] == "busy"
+        assert "one client" in refused["message"]
+        assert refused["retry_after_ms"] > 0
+        async with open_client(f"{server.ws_url}?token=bob-token") as bob:
+            await bob.upload("b1", size)
+            await bob.expect("accepted", id="b1")
+        await alice.send({"type": "cancel", "id": "a1"})
+        await alice.expect("cancelled", id="a1")
+        await alice.upload("a3", size)  # her reservation was given back
+        await alice.expect("accepted", id="a3")
