@@ -391,21 +391,33 @@ def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
 # Decoding.
 
 
-class _BufferReader(io.RawIOBase):
-    """A read-only, seekable file over a memoryview: Pillow reads from it without a full copy
-    (``io.BytesIO`` would copy a bytearray or memoryview up front)."""
-
-    def __init__(self, view: memoryview, wait_for: WaitFor = _arrived) -> None:
-        super().__init__()
-        self._view = view
-        self._wait_for = wait_for
-        self._pos = 0
+class _Reader(io.RawIOBase):
+    """A read-only, seekable raw file: subclasses provide ``tell``, ``seek`` and ``read``."""
 
     def readable(self) -> bool:
         return True
 
     def seekable(self) -> bool:
         return True
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+class _BufferReader(_Reader):
+    """A file over a memoryview: Pillow reads from it without a full copy (``io.BytesIO``
+    would copy a bytearray or memoryview up front)."""
+
+    def __init__(self, view: memoryview, wait_for: WaitFor = _arrived) -> None:
+        super().__init__()
+        self._view = view
+        self._wait_for = wait_for
+        self._pos = 0
 
     def tell(self) -> int:
         return self._pos
@@ -424,16 +436,8 @@ class _BufferReader(io.RawIOBase):
         self._pos = end
         return self._view[start:end].tobytes()
 
-    def readall(self) -> bytes:
-        return self.read()
 
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
-
-class _WaitingFile(io.RawIOBase):
+class _WaitingFile(_Reader):
     """A file being filled in order: every read first waits for the bytes it covers."""
 
     def __init__(self, file: IO[bytes], wait_for: WaitFor) -> None:
@@ -441,12 +445,6 @@ class _WaitingFile(io.RawIOBase):
         self._file = file
         self._wait_for = wait_for
         self._size = os.fstat(file.fileno()).st_size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
 
     def fileno(self) -> int:
         return self._file.fileno()
@@ -462,14 +460,6 @@ class _WaitingFile(io.RawIOBase):
         end = self._size if size is None or size < 0 else min(position + size, self._size)
         self._wait_for(end)
         return self._file.read(max(0, end - position))
-
-    def readall(self) -> bytes:
-        return self.read()
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        chunk = self.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
 
 
 def decode(
