@@ -29,6 +29,11 @@ from server.pipeline.jobs import DecodeAhead
 
 log = logging.getLogger("pixelstream.worker")
 
+MAX_DECODES_AHEAD = 2
+"""Uploads a worker decodes while they arrive, at most at once (the pool sends no more; the
+rest decode as jobs). As many threads: a decode whose job has come is never queued behind
+decodes still waiting for bytes, which the worker could then not report to them."""
+
 
 class DecodeDropped(Exception):
     """Raised inside a decode ahead that was dropped, to end it."""
@@ -80,7 +85,8 @@ class AheadDecode:
 class DecodesAhead:
     """A worker's decodes ahead, by job id. Used from the worker's main thread only."""
 
-    def __init__(self, analyzers: Mapping[str, Analyzer], threads: int = 2) -> None:
+    def __init__(self, analyzers: Mapping[str, Analyzer],
+                 threads: int = MAX_DECODES_AHEAD) -> None:
         self._analyzers = analyzers
         self._running: dict[str, AheadDecode] = {}
         # Long-lived threads: each new thread would fill (and glibc keep) a malloc arena.

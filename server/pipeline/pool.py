@@ -31,6 +31,7 @@ from typing import Any
 
 from chunking.errors import ErrorCode, ProtocolError
 from server.metrics import Metrics
+from server.pipeline.decode_ahead import MAX_DECODES_AHEAD
 from server.pipeline.jobs import (
     Batch,
     BytesArrived,
@@ -58,8 +59,6 @@ MAX_ATTEMPTS = 2
 GAP_WEIGHT = 0.25
 """Weight of the newest gap between two jobs' arrivals in the running average of gaps."""
 
-MAX_DECODES_AHEAD = 2
-"""Uploads a worker decodes while they arrive, at most at once; the rest decode as jobs."""
 
 
 @dataclass(eq=False)
