@@ -10,6 +10,7 @@ for spool files and a :class:`FakeClock` that it must use for idleness (``expire
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from server.storage.redis import connect as connect_redis
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+# Parallel runs (several checkouts on one machine) each pick their own database.
+REDIS_URL = os.environ.get("PIXELSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 """A database of the test Redis that only these tests use (each test flushes it first)."""
 
 
