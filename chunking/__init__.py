@@ -1,7 +1,12 @@
-"""pixelstream's protocol core, sans I/O: messages, codec, reassembly, chunk planning.
+"""pixelstream's protocol core, sans I/O: messages, codec, reassembly, chunk planning, and the
+client's state of an upload.
 
-Nothing here touches sockets, event loops or models; the server, the clients and the tests
-feed it bytes and messages and act on what it returns.
+The modules imported here (:mod:`~chunking.messages`, :mod:`~chunking.codec`,
+:mod:`~chunking.errors`, :mod:`~chunking.limits`, :mod:`~chunking.reassembler`,
+:mod:`~chunking.splitter`, :mod:`~chunking.exchange`) touch no sockets, event loops or models:
+the server, the clients and the tests feed them bytes and messages and act on what they return.
+The asyncio client built over them is the subpackage :mod:`chunking.client` (websockets,
+threads), and the client's commands :mod:`chunking.cli`; ``import chunking`` loads neither.
 """
 
 from chunking.codec import (
@@ -15,6 +20,7 @@ from chunking.codec import (
     parse_server,
 )
 from chunking.errors import ErrorCode, InvalidTransition, ProtocolError
+from chunking.exchange import UploadExchange
 from chunking.limits import Limits
 from chunking.messages import (
     PROTOCOL_VERSION,
@@ -72,6 +78,7 @@ __all__ = [
     "UnknownMessage",
     "Upload",
     "UploadEvent",
+    "UploadExchange",
     "UploadSender",
     "UploadState",
     "Welcome",
