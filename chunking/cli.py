@@ -1,8 +1,11 @@
-"""The client side of the ``pixelstream`` command: ``upload``, ``camera`` and ``analyze``.
+"""The client's commands: ``upload``, ``camera`` and ``analyze``.
 
-:mod:`server.cli` builds the parser and hands these commands here. Everything the client
-needs (asyncio, websockets, OpenCV, httpx) is imported when a command runs, not when the
-parser is built, so ``pixelstream serve`` pays nothing for it.
+Installed as ``pixelstream-client`` (:func:`main`) by the client distribution, and as
+``pixelstream`` (:func:`pixelstream_main`): the server's command where the server is installed
+(its :mod:`server.cli` adds these commands to its own parser and hands them here), these
+commands alone where it is not. Everything the client needs (asyncio, websockets, OpenCV,
+httpx) is imported when a command runs, not when the parser is built, so ``pixelstream serve``
+pays nothing for it.
 
 * ``pixelstream upload FILE_OR_DIR...``: every image (directories are walked for image
   suffixes), up to ``--concurrency`` at once on one socket. On a terminal, a live progress
@@ -126,6 +129,41 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     _connection_flags(analyze)
     analyze.add_argument("--http", action="store_true",
                          help="POST /v1/analyze instead (--url may be http://host:port)")
+
+
+def build_parser(prog: str = "pixelstream-client") -> argparse.ArgumentParser:
+    """The client's own command line: ``upload``, ``camera`` and ``analyze``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Upload images to a pixelstream server and stream camera frames.")
+    add_client_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pixelstream-client``."""
+    return run_client_command(build_parser().parse_args(argv))
+
+
+SERVER_ENTRY_POINTS: Final = "pixelstream.cli"
+"""The entry-point group where the server distribution names its command's ``main``."""
+SERVER_COMMANDS: Final = frozenset({"serve", "worker", "model"})
+
+
+def pixelstream_main(argv: Sequence[str] | None = None) -> int:
+    """``pixelstream``: the server's command where the server is installed; else the client's
+    commands, and a pointer to the server for the server's."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=SERVER_ENTRY_POINTS, name="main"):
+        server_main: Any = entry.load()
+        status: int = server_main(argv)
+        return status
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SERVER_COMMANDS:
+        print(f"pixelstream {args[0]}: the pixelstream server is not installed here, only its "
+              "client (pip install pixelstream installs the server)", file=sys.stderr)
+        return EXIT_USAGE
+    return run_client_command(build_parser("pixelstream").parse_args(args))
 
 
 def run_client_command(args: argparse.Namespace, out: TextIO | None = None,

@@ -40,12 +40,17 @@ fi
 if [ "$DEPS_ONLY" = 1 ]; then
   exit 0
 fi
+# The client distribution (chunking/: the protocol core and the Python client) first: the
+# server depends on it and it comes from this checkout, not from an index.
+client=./chunking
 project=.
 if [ -n "${1:-}" ]; then
   project=".[$1]"
 fi
 if [ "$EDITABLE" = 1 ]; then
+  "${pip[@]}" -e "$client"
   "${pip[@]}" -e "$project"
 else
+  "${pip[@]}" "$client"
   "${pip[@]}" "$project"
 fi

@@ -345,7 +345,8 @@ def test_the_build_context_keeps_the_sources_and_leaves_out_local_state() -> Non
     # The install needs the package, its metadata's README, the script, and the browser
     # client that server/static/client links to.
     needed = ["pyproject.toml", "README.md", INSTALL_ENTRY, "server/app.py",
-              "chunking/__init__.py", "server/static/index.html",
+              "chunking/__init__.py", "chunking/pyproject.toml", "chunking/README.md",
+              "server/static/index.html",
               *(str(p.relative_to(ROOT)) for p in (ROOT / "client_js" / "src").glob("*"))]
     assert len(needed) > 7
     for path in needed:
@@ -404,12 +405,14 @@ def test_install_by_default_is_the_readme_s_editable_install_into_dot_venv(
         '.venv/bin/python -c import torch',
         f".venv/bin/python {PIP} torch==2.13.0",
         f".venv/bin/python {WEIGHTS}",
+        f".venv/bin/python {PIP} -e ./chunking",
         f".venv/bin/python {PIP} -e .",
     ]
     # Idempotent: a rerun reuses the virtualenv and torch, and tops the rest up.
     assert run_install("test") == [
         '.venv/bin/python -c import torch',
         f".venv/bin/python {WEIGHTS}",
+        f".venv/bin/python {PIP} -e ./chunking",
         f".venv/bin/python {PIP} -e .[test]",
     ]
 
@@ -434,7 +437,8 @@ def test_install_with_the_dockerfile_s_switches_does_what_its_comments_say(
         f"{py} {WEIGHTS}",
     ]
     second = run_install(env={**project_env, **relocated})
-    assert second == [f"{py} -c import torch", f"{py} {WEIGHTS}", f"{py} {PIP} ."]
+    assert second == [f"{py} -c import torch", f"{py} {WEIGHTS}", f"{py} {PIP} ./chunking",
+                      f"{py} {PIP} ."]
 
 
 def test_install_refuses_a_switch_it_does_not_know(run_install: Installer) -> None:

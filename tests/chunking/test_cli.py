@@ -17,7 +17,14 @@ import numpy as np
 import orjson
 import pytest
 
-from chunking.cli import ProgressBoard, collect_files, run_client_command, summarize
+from chunking.cli import (
+    ProgressBoard,
+    collect_files,
+    pixelstream_main,
+    run_client_command,
+    summarize,
+)
+from chunking.cli import main as client_main
 from server.cli import build_parser, main
 from tests.conftest import WAIT_S
 from tests.support.pyclient_media import distinct_colors, hex_of, solid_png, write_video
@@ -306,3 +313,25 @@ async def test_the_installed_camera_command_stops_cleanly_on_ctrl_c(colors_serve
     assert summary["results"] >= 1
     assert summary["frames_sent"] < 200
     assert b"Traceback" not in errors
+
+
+def test_the_client_command_has_the_client_commands_only(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        client_main(["--help"])
+    assert exited.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: pixelstream-client")
+    assert "{upload,camera,analyze}" in usage
+    with pytest.raises(SystemExit):
+        client_main(["serve"])
+
+
+def test_the_clients_pixelstream_runs_the_servers_command_where_it_is_installed(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        pixelstream_main(["serve", "--help"])
+    assert exited.value.code == 0
+    assert "--max-chunk-bytes" in capsys.readouterr().out  # the server's own flags
