@@ -173,8 +173,7 @@ class _Frames:
     async def open(self) -> None:
         source = self.source
         if isinstance(source, (int, str, os.PathLike)):
-            import cv2
-
+            cv2 = _cv2()
             target: int | str = source if isinstance(source, int) else os.fspath(source)
             self._capture = await asyncio.to_thread(lambda: cv2.VideoCapture(target))
             self._owned = True
@@ -219,13 +218,24 @@ class _Frames:
         self._capture = None
 
 
+def _cv2() -> Any:
+    """OpenCV, which the ``camera`` extra installs: a clear error where it is missing."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError(
+            "reading cameras, video files and numpy frames needs OpenCV: "
+            "pip install 'pixelstream-client[camera]'"
+        ) from None
+    return cv2
+
+
 def encode_frame(frame: Any, quality: int = 85) -> bytes:
     """JPEG bytes of a frame: a numpy array (BGR or grey), a PIL image, or bytes as they are."""
     if isinstance(frame, (bytes, bytearray, memoryview)):
         return bytes(frame)
     if hasattr(frame, "shape"):
-        import cv2
-
+        cv2 = _cv2()
         ok, encoded = cv2.imencode(".jpg", frame, [int(cv2.IMWRITE_JPEG_QUALITY), quality])
         if not ok:
             raise ValueError("OpenCV could not encode the frame as JPEG")

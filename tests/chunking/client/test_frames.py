@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -206,3 +207,10 @@ def test_frames_encode_as_jpeg_from_arrays_and_images() -> None:
     assert encode_frame(b"as is") == b"as is"
     with pytest.raises(TypeError, match="cannot encode"):
         encode_frame(object())
+
+
+def test_without_opencv_frames_ask_for_the_camera_extra(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
+    with pytest.raises(ImportError, match=r"pip install 'pixelstream-client\[camera\]'"):
+        encode_frame(np.zeros((8, 8, 3), np.uint8))
