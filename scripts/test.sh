@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/mypy
 
-# The browser client has no dependencies; install them only if it ever gains some.
+# The browser client's development dependencies (TypeScript, which generates its declarations).
 if grep -Eq '"(dev|peer|optional)?[dD]ependencies"' client_js/package.json; then
   if [ -f client_js/package-lock.json ]; then npm --prefix client_js ci; else npm --prefix client_js install; fi
 fi

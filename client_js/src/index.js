@@ -27,6 +27,26 @@ export { CLIENT_CODES, describeError, PixelstreamError } from "./errors.js";
 export { defaultFingerprint, defaultOptions, Upload } from "./upload.js";
 
 /**
+ * The types a program names, from the package's root (in TypeScript:
+ * `import type { UploadOptions, ResultMessage } from "pixelstream-client"`).
+ * @typedef {import("./upload.js").UploadOptions} UploadOptions
+ * @typedef {import("./upload.js").StageName} StageName
+ * @typedef {import("./upload.js").UrlStorage} UrlStorage
+ * @typedef {import("./camera.js").CameraOptions} CameraOptions
+ * @typedef {import("./camera.js").CameraStats} CameraStats
+ * @typedef {import("./connection.js").ConnectionOptions} ConnectionOptions
+ * @typedef {import("./connection.js").WebSocketFactory} WebSocketFactory
+ * @typedef {import("./connection.js").SocketLike} SocketLike
+ * @typedef {import("./codec.js").Limits} Limits
+ * @typedef {import("./codec.js").WelcomeMessage} WelcomeMessage
+ * @typedef {import("./codec.js").ProgressMessage} ProgressMessage
+ * @typedef {import("./codec.js").ResultMessage} ResultMessage
+ * @typedef {import("./codec.js").ErrorMessage} ErrorMessage
+ * @typedef {import("./codec.js").ServerMessage} ServerMessage
+ * @typedef {import("./codec.js").ClientMessage} ClientMessage
+ */
+
+/**
  * Upload and analyse one image; resolves with the server's `result` message.
  * @param {Blob} file
  * @param {import("./upload.js").UploadOptions} [options]
