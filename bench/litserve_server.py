@@ -23,18 +23,22 @@ class ClassifyAPI(ls.LitAPI):  # type: ignore[misc]
     def setup(self, device: str) -> None:
         import torch
 
-        from server.pipeline.analyzers.classify import ClassifySpec
         from server.pipeline.decode import decode
+        from server.tasks.contract import View, parse_options
+        from server.tasks.hf import ImageClassification
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        self.analyzer = ClassifySpec().create_analyzer()
-        self.analyzer.load()
+        self.analyzer = ImageClassification()
+        self.analyzer.setup("cpu")
+        self.options = parse_options(self.analyzer, {"top_k": 5})
         self.decode = decode
+        self.view = View.whole
 
     def decode_request(self, request):  # type: ignore[no-untyped-def]  # unannotated: LitServe passes the parsed JSON
         data = base64.b64decode(request["image"])
-        decoded = self.decode(data, max_pixels=178_956_970, hint=self.analyzer.decode_hint)
-        return self.analyzer.preprocess(decoded.image, {})
+        decoded = self.decode(data, max_pixels=178_956_970, hint=self.analyzer.decode)
+        view = self.view(decoded.image, (decoded.info.width, decoded.info.height))
+        return self.analyzer.preprocess(view, self.options)
 
     def batch(self, inputs: list[Any]) -> list[Any]:
         return inputs
@@ -48,7 +52,7 @@ class ClassifyAPI(ls.LitAPI):  # type: ignore[misc]
         return list(output)
 
     def encode_response(self, output: Any) -> dict[str, Any]:
-        return self.analyzer.encode(output, {"top_k": 5})
+        return self.analyzer.encode(output, None, self.options)
 
 
 def main() -> None:

@@ -28,20 +28,23 @@ def main() -> None:
     # As worker_main does: read by torch when first imported.
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(args.threads)
-    from server.pipeline.analyzers.classify import ClassifySpec
     from server.pipeline.decode import decode
+    from server.tasks.contract import View, parse_options
+    from server.tasks.hf import ImageClassification
 
     data = Path(args.image).read_bytes()
-    analyzer = ClassifySpec().create_analyzer()
-    analyzer.load()
-    options = {"top_k": 5}
+    analyzer = ImageClassification()
+    analyzer.setup("cpu")
+    options = parse_options(analyzer, {"top_k": 5})
 
     def one_batch() -> None:
-        items = [analyzer.preprocess(decode(data, max_pixels=178_956_970,
-                                            hint=analyzer.decode_hint).image, options)
-                 for _ in range(args.batch)]
-        for output in analyzer.predict(items):
-            analyzer.encode(output, options)
+        views = []
+        for _ in range(args.batch):
+            decoded = decode(data, max_pixels=178_956_970, hint=analyzer.decode)
+            views.append(View.whole(decoded.image, (decoded.info.width, decoded.info.height)))
+        items = [analyzer.preprocess(view, options) for view in views]
+        for output, view in zip(analyzer.predict(items), views, strict=True):
+            analyzer.encode(output, view, options)
 
     for _ in range(5):  # warm-up
         one_batch()

@@ -2,10 +2,13 @@
 
 Both the WebSocket session and the HTTP routes go through :class:`AnalysisService`::
 
-    spec, options = service.resolve(task, options)      # unknown_task / bad_message
-    key = service.cache_key(sha256, spec, options)
+    task, options = service.resolve(name, options)      # unknown_task / bad_message
+    key = service.cache_key(sha256, task, options)
     payload = await service.lookup(key)                 # a cached result, or None
-    payload = await service.run(spec, options, image, key, on_stage=...)  # raises ProtocolError
+    payload = await service.run(task, options, image, key, on_stage=...)  # raises ProtocolError
+
+Tasks are :class:`~server.tasks.contract.Task` objects from the server's
+:class:`~server.tasks.registry.Registry`; ``service.describe()`` is ``GET /v1/tasks``.
 
 A payload is the ``result`` message's body without ``id``/``stream``/``seq``/``cached``.
 """
@@ -21,9 +24,10 @@ import orjson
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.metrics import Metrics
-from server.pipeline.analyzers.base import OptionsError, TaskSpec
 from server.pipeline.jobs import Dispatched, JobDone, JobFailed, Queued, StageReached, Ticket
 from server.storage.base import ImageRef, JobQueue, ResultCache
+from server.tasks.contract import OptionsError, Task, validate_options
+from server.tasks.registry import Registry
 
 StageCallback = Callable[[Stage, int | None], None]
 """Called with each stage reached (and the queue position for ``queued``)."""
@@ -44,8 +48,7 @@ class AheadDecoder(Protocol):
 class AnalysisService:
     def __init__(
         self,
-        specs: Mapping[str, TaskSpec],
-        default_task: str,
+        registry: Registry,
         pool: JobQueue,
         cache: ResultCache,
         metrics: Metrics,
@@ -54,12 +57,12 @@ class AnalysisService:
         ahead: AheadDecoder | None = None,
         ahead_min_bytes: int = 0,
     ) -> None:
-        if default_task not in specs:
-            raise ValueError(f"default task {default_task!r} is not among {sorted(specs)}")
-        self.specs = dict(specs)
-        for spec in self.specs.values():
-            spec.model_revision  # noqa: B018 -- read once now (it may stat a model folder)
-        self.default_task = default_task
+        self.registry = registry
+        self.specs: dict[str, Task] = {entry.task.name: entry.task for entry in registry.entries}
+        """The offered tasks by name."""
+        for task in self.specs.values():
+            task.model  # noqa: B018 -- read once now (its revision may stat a model folder)
+        self.default_task = registry.default
         self.pool = pool
         self.cache = cache
         self.metrics = metrics
@@ -76,33 +79,38 @@ class AnalysisService:
     def tasks(self) -> list[str]:
         return list(self.specs)
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Every task's name, kind, model, revision and JSON Schemas (``GET /v1/tasks``)."""
+        return self.registry.describe()
+
     def resolve(
-        self, task: str | None, options: Mapping[str, Any]
-    ) -> tuple[TaskSpec, dict[str, Any]]:
-        """The task's spec and its normalised options. Raises ProtocolError without an id:
-        callers add the upload or frame it concerns."""
-        name = task or self.default_task
-        spec = self.specs.get(name)
-        if spec is None:
+        self, name: str | None, options: Mapping[str, Any]
+    ) -> tuple[Task, dict[str, Any]]:
+        """The task and its options checked against its schema, defaults filled in. Raises
+        ProtocolError without an id: callers add the upload or frame it concerns."""
+        name = name or self.default_task
+        task = self.specs.get(name)
+        if task is None:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_TASK,
                 f"unknown task {name!r}; this server offers {', '.join(self.specs)}",
             )
         try:
-            return spec, spec.validate_options(options)
+            return task, validate_options(task, options)
         except OptionsError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
 
     @staticmethod
-    def cache_key(sha256: str, spec: TaskSpec, options: Mapping[str, Any],
+    def cache_key(sha256: str, task: Task, options: Mapping[str, Any],
                   principal: str | None = None) -> str:
         """The result's key: the image, task, model (and its weights' revision) and options,
         and the principal when the server has tokens, so that a client cannot learn (from
         ``cached: true``, or from the answer to a bare checksum) what another client
         analysed."""
-        described: dict[str, Any] = {"task": spec.task, "model": spec.model_id, "options": options}
-        if spec.model_revision:
-            described["revision"] = spec.model_revision
+        info = task.model
+        described: dict[str, Any] = {"task": task.name, "model": info.id, "options": options}
+        if info.revision:
+            described["revision"] = info.revision
         if principal is not None:
             described["principal"] = principal
         canonical = orjson.dumps(described, option=orjson.OPT_SORT_KEYS)
@@ -138,7 +146,7 @@ class AnalysisService:
 
     async def run(
         self,
-        spec: TaskSpec,
+        task: Task,
         options: dict[str, Any],
         image: ImageRef,
         key: str | None,
@@ -150,17 +158,17 @@ class AnalysisService:
 
         Cancelling the awaiting task withdraws the job. Raises ProtocolError on failure.
         """
-        ticket = self.pool.submit(spec.task, options, image, self.max_pixels, job_id=job_id)
-        return await self._outcome(ticket, spec, key, on_stage)
+        ticket = self.pool.submit(task.name, options, image, self.max_pixels, job_id=job_id)
+        return await self._outcome(ticket, task, key, on_stage)
 
     async def follow(
-        self, spec: TaskSpec, job_id: str, on_stage: StageCallback | None = None
+        self, task: Task, job_id: str, on_stage: StageCallback | None = None
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Like :meth:`run`, for a job another gateway queued (its client moved here)."""
-        return await self._outcome(self.pool.attach(job_id), spec, None, on_stage)
+        return await self._outcome(self.pool.attach(job_id), task, None, on_stage)
 
     async def _outcome(
-        self, ticket: Ticket, spec: TaskSpec, key: str | None, on_stage: StageCallback | None
+        self, ticket: Ticket, task: Task, key: str | None, on_stage: StageCallback | None
     ) -> tuple[dict[str, Any], dict[str, float]]:
         timings: dict[str, float] = {}
         try:
@@ -176,10 +184,10 @@ class AnalysisService:
                 elif isinstance(event, JobDone):
                     timings.update(event.timings_ms)
                     payload = {
-                        "task": spec.task,
+                        "task": task.name,
                         "result": event.result,
                         "image": event.image,
-                        "model": spec.model_id,
+                        "model": task.model.id,
                     }
                     if key is not None:
                         await self.cache.set(key, payload)

@@ -24,9 +24,6 @@ from server.auth import TokenAuth
 from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
 from server.logs import install_redaction
 from server.metrics import Metrics
-from server.pipeline.analyzers.base import TaskSpec
-from server.pipeline.analyzers.classify import ClassifySpec
-from server.pipeline.analyzers.colors import ColorsSpec
 from server.pipeline.pool import WorkerPool
 from server.pipeline.redis_queue import RedisJobQueue
 from server.pipeline.spool import Spool
@@ -44,6 +41,9 @@ from server.storage.redis import (
     TieredResultCache,
 )
 from server.storage.redis import connect as connect_redis
+from server.tasks import routes as task_routes
+from server.tasks.contract import Task
+from server.tasks.registry import Registry, load_registry
 
 log = logging.getLogger("pixelstream")
 
@@ -51,9 +51,9 @@ HTTP_REQUESTS_PER_SECOND = 20.0
 HTTP_BURST = 40
 
 
-def default_specs(settings: Settings) -> tuple[TaskSpec, ...]:
-    """The tasks a server offers out of the box; the first is the default task."""
-    return (ClassifySpec(model=settings.model), ColorsSpec())
+def registry_for(settings: Settings) -> Registry:
+    """The tasks ``settings`` offer: the built-ins, installed tasks and the tasks file."""
+    return load_registry(settings.tasks, classify_model=settings.model)
 
 
 def torch_threads(settings: Settings) -> int:
@@ -67,32 +67,39 @@ def torch_threads(settings: Settings) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.workers))
 
 
-def _prepare_models_sync(specs: Sequence[TaskSpec]) -> None:
-    """Build the bundled model's folder if a task uses it (before workers start)."""
-    if any(isinstance(spec, ClassifySpec) and spec.model is None for spec in specs):
-        from server.pipeline.model_store import prepare_default_model
-
-        log.info("default model ready in %s", prepare_default_model())
+def _needs_prepare(tasks: Sequence[Task]) -> list[Task]:
+    return [task for task in tasks if type(task).prepare is not Task.prepare]
 
 
-async def _prepare_models(specs: Sequence[TaskSpec]) -> None:
-    """Build the bundled model's folder once, before the workers start, rather than racing
-    in every worker. It runs in a short-lived process: building imports torch, which the
-    gateway otherwise never needs."""
-    if not any(isinstance(spec, ClassifySpec) and spec.model is None for spec in specs):
+def prepare_tasks(tasks: Sequence[Task]) -> None:
+    """Run each task's :meth:`~server.tasks.contract.Task.prepare` (here, in this process)."""
+    for task in tasks:
+        task.prepare()
+
+
+async def _prepare_tasks(tasks: Sequence[Task]) -> None:
+    """Each task's ``prepare`` once, before the workers start, rather than racing in every
+    worker. In a short-lived process: preparing may import torch, which the gateway never
+    needs."""
+    preparing = _needs_prepare(tasks)
+    if not preparing:
         return
-    from server.pipeline.model_store import prepare_default_model
-
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as executor:
-        path = await asyncio.get_running_loop().run_in_executor(executor, prepare_default_model)
-    log.info("default model ready in %s", path)
+        await asyncio.get_running_loop().run_in_executor(executor, prepare_tasks, preparing)
+    log.info("tasks prepared: %s", ", ".join(task.name for task in preparing))
+
+
+def worker_devices(registry: Registry) -> dict[str, str]:
+    """Tasks whose device differs from the server's ``--device`` (tasks file)."""
+    return {entry.task.name: entry.serving.device for entry in registry.entries
+            if entry.serving.device is not None}
 
 
 Backends = tuple[UploadStore, ResultCache, JobQueue, RateLimiter]
 
 
-def _embedded_backends(settings: Settings, specs: tuple[TaskSpec, ...], metrics: Metrics,
+def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
                        stack: contextlib.AsyncExitStack) -> Backends:
     """Everything in this process: spool files, an LRU cache, worker processes."""
     spool = Spool(settings.spool_dir, min_free_bytes=4 * settings.max_image_bytes)
@@ -100,7 +107,9 @@ def _embedded_backends(settings: Settings, specs: tuple[TaskSpec, ...], metrics:
     store = MemoryUploadStore(spool)
     stack.push_async_callback(store.close)
     pool = WorkerPool(
-        WorkerConfig(specs=specs, torch_threads=torch_threads(settings)),
+        WorkerConfig(tasks=tuple(e.task for e in registry.entries),
+                     torch_threads=torch_threads(settings), device=settings.device,
+                     devices=worker_devices(registry)),
         workers=settings.workers,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
@@ -111,7 +120,7 @@ def _embedded_backends(settings: Settings, specs: tuple[TaskSpec, ...], metrics:
     return store, LruResultCache(settings.cache_entries), pool, MemoryRateLimiter()
 
 
-async def _shared_backends(settings: Settings, specs: tuple[TaskSpec, ...], metrics: Metrics,
+async def _shared_backends(settings: Settings, registry: Registry, metrics: Metrics,
                            stack: contextlib.AsyncExitStack) -> Backends:
     """Redis for uploads, results, jobs and budgets: gateways and workers on many machines."""
     assert settings.redis_url is not None
@@ -121,16 +130,18 @@ async def _shared_backends(settings: Settings, specs: tuple[TaskSpec, ...], metr
     cache = TieredResultCache(LruResultCache(settings.cache_entries),
                               RedisResultCache(redis, ttl_s=settings.result_ttl_s))
     queue = RedisJobQueue(redis, max_queue=settings.max_queue, metrics=metrics)
-    workers = LocalStreamWorkers(stream_worker_config(settings, specs), settings.workers)
+    workers = LocalStreamWorkers(stream_worker_config(settings, registry), settings.workers)
     await workers.start()
     stack.push_async_callback(workers.stop)
     return store, cache, queue, RedisRateLimiter(redis)
 
 
-def stream_worker_config(settings: Settings, specs: tuple[TaskSpec, ...]) -> StreamWorkerConfig:
+def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorkerConfig:
     assert settings.redis_url is not None
     return StreamWorkerConfig(
-        redis_url=settings.redis_url, specs=specs, torch_threads=torch_threads(settings),
+        redis_url=settings.redis_url, tasks=tuple(e.task for e in registry.entries),
+        torch_threads=torch_threads(settings), device=settings.device,
+        devices=worker_devices(registry),
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
         claim_idle_ms=settings.claim_idle_ms,
     )
@@ -163,26 +174,31 @@ def client_share(settings: Settings) -> int:
 def create_app(
     settings: Settings | None = None,
     *,
-    specs: Sequence[TaskSpec] | None = None,
+    tasks: Registry | Sequence[Task] | None = None,
 ) -> FastAPI:
-    """Build the app. ``specs`` overrides the offered tasks (the first one is the default)."""
+    """Build the app. ``tasks`` overrides the offered tasks (a sequence: the first one is the
+    default task); without it, the built-ins, installed tasks and ``settings.tasks``."""
     settings = settings or Settings.from_env()
-    specs = tuple(specs) if specs is not None else default_specs(settings)
-    if not specs:
-        raise ValueError("a server needs at least one task")
+    if tasks is None:
+        registry = registry_for(settings)
+    elif isinstance(tasks, Registry):
+        registry = tasks
+    else:
+        tasks = list(tasks)
+        registry = Registry(tasks, default=tasks[0].name if tasks else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics()
-        await _prepare_models(specs)
+        await _prepare_tasks([entry.task for entry in registry.entries])
         async with contextlib.AsyncExitStack() as stack:
             if settings.redis_url:
-                backends = await _shared_backends(settings, specs, metrics, stack)
+                backends = await _shared_backends(settings, registry, metrics, stack)
             else:
-                backends = _embedded_backends(settings, specs, metrics, stack)
+                backends = _embedded_backends(settings, registry, metrics, stack)
             store, cache, queue, limiter = backends
             service = AnalysisService(
-                {spec.task: spec for spec in specs}, specs[0].task, queue, cache, metrics,
+                registry, queue, cache, metrics,
                 max_pixels=settings.max_pixels,
                 ahead=queue if isinstance(queue, WorkerPool) else None,
                 ahead_min_bytes=settings.decode_ahead_bytes,
@@ -257,6 +273,7 @@ def create_app(
     ws.quiet_refusals()
     app.include_router(ws.router)
     app.include_router(http_api.router)
+    app.include_router(task_routes.router)
     # The demo page's assets; static/client links to client_js/src, so the page loads the
     # very files of the browser library (symlinks inside the folder are followed).
     from pathlib import Path

@@ -13,11 +13,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from chunking.cli import CLIENT_COMMANDS, add_client_commands, run_client_command
 from server.logs import configure_logging
 from server.settings import ENV_PREFIX, Settings
+
+if TYPE_CHECKING:
+    from server.tasks.registry import Registry
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +95,17 @@ def uvicorn_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def checked_registry(settings: Settings) -> Registry:
+    """The tasks to serve, each tried once (see :func:`server.tasks.registry.verify_setup`).
+    Raises TasksFileError with one line naming the task that cannot be served."""
+    from server.app import registry_for
+    from server.tasks.registry import verify_setup
+
+    registry = registry_for(settings)
+    verify_setup(registry, settings.device)
+    return registry
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -100,13 +114,15 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format, settings.api_tokens)
-    uvicorn.run(create_app(settings), **uvicorn_config(settings))
+    registry = checked_registry(settings)  # before listening: a bad task stops here
+    uvicorn.run(create_app(settings, tasks=registry), **uvicorn_config(settings))
     return 0
 
 
 def run_workers(args: argparse.Namespace) -> int:
-    """``pixelstream worker``: stream workers on this machine, for gateways anywhere."""
-    from server.app import _prepare_models_sync, default_specs, stream_worker_config
+    """``pixelstream worker``: stream workers on this machine, for gateways anywhere. They
+    serve the tasks ``serve`` does (the same --tasks file)."""
+    from server.app import _needs_prepare, prepare_tasks, stream_worker_config
     from server.pipeline.stream_worker import supervise
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
@@ -116,9 +132,9 @@ def run_workers(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    specs = default_specs(settings)
-    _prepare_models_sync(specs)
-    return supervise(stream_worker_config(settings, specs), max(1, settings.workers))
+    registry = checked_registry(settings)
+    prepare_tasks(_needs_prepare([entry.task for entry in registry.entries]))
+    return supervise(stream_worker_config(settings, registry), max(1, settings.workers))
 
 
 def prepare_model(args: argparse.Namespace) -> int:
@@ -144,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_client_command(args)
         if args.command == "worker":
             return run_workers(args)
-    except ValueError as exc:  # a setting that does not parse or fit
+    except ValueError as exc:  # a setting that does not parse or fit, a bad tasks file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 2

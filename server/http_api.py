@@ -21,9 +21,9 @@ from chunking.errors import ErrorCode, ProtocolError
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import error_response
 from server.logs import current_context, log_context
-from server.pipeline.analyzers.base import TaskSpec
 from server.state import AppState
 from server.storage.base import ImageRef
+from server.tasks.contract import Task
 
 router = APIRouter()
 log = logging.getLogger("pixelstream.http")
@@ -113,7 +113,7 @@ def _options(value: Any) -> dict[str, Any]:
     return value
 
 
-async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: TaskSpec,
+async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: Task,
                    options: dict[str, Any], principal: str | None) -> JSONResponse:
     service = app.service
     key = service.cache_key(sha256, spec, options, principal)
@@ -127,7 +127,7 @@ async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: TaskSpec,
 
 
 async def _stage_and_analyze(app: AppState, source: BinaryIO | bytes, size: int,
-                             spec: TaskSpec, options: dict[str, Any],
+                             spec: Task, options: dict[str, Any],
                              principal: str | None) -> JSONResponse:
     """Put the image where workers read it (hashing it on the way), analyse, free it."""
     store = app.store
@@ -306,7 +306,7 @@ async def readyz(request: Request) -> JSONResponse:
         "queue_depth": pool.depth,
         "cache": cache_ok,
         "store": store_ok,
-        "models": {task: spec.model_id for task, spec in app.service.specs.items()},
+        "models": {name: task.model.id for name, task in app.service.specs.items()},
     }
     if pool.startup_error is not None:
         body["error"] = pool.startup_error

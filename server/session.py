@@ -48,10 +48,10 @@ from chunking.reassembler import Appended, Lifecycle, UploadEvent, UploadState
 from server.analysis import upload_job_id
 from server.limits import TokenBucket
 from server.logs import bind_log_context
-from server.pipeline.analyzers.base import TaskSpec
 from server.state import AppState
 from server.storage.base import FinishedUpload, ImageRef, UploadHandle, UploadMeta
 from server.storage.memory import new_resume_token
+from server.tasks.contract import Task
 
 log = logging.getLogger("pixelstream.session")
 
@@ -139,7 +139,7 @@ class LiveUpload:
 class _Stream:
     last_seq: int = -1
     running: asyncio.Task[None] | None = None
-    waiting: tuple[Frame, TaskSpec, dict[str, Any]] | None = None
+    waiting: tuple[Frame, Task, dict[str, Any]] | None = None
 
 
 class Session:
@@ -295,7 +295,7 @@ class Session:
         service.check_capacity()
         await self.app.client_limits.upload_started(self.client)
         meta = UploadMeta(
-            upload_id=message.id, size=message.size, task=spec.task, options=options,
+            upload_id=message.id, size=message.size, task=spec.name, options=options,
             sha256=message.sha256, name=message.name, principal=self.principal,
         )
         if message.sha256 is not None:
@@ -329,7 +329,7 @@ class Session:
                           handle=handle, store_owner=self.key, reserved=reserved,
                           reserved_by=self.client)
         job_id = upload_job_id(live.token)
-        if service.begin_decode_ahead(job_id, spec.task, handle.local_path, message.size):
+        if service.begin_decode_ahead(job_id, spec.name, handle.local_path, message.size):
             live.ahead_job = job_id
         self.app.live[live.token] = live
         self._adopt(live, message.id)
@@ -471,7 +471,7 @@ class Session:
         stream.waiting = (frame, spec, options)
 
     def _run_frame(
-        self, stream: _Stream, frame: Frame, spec: TaskSpec, options: dict[str, Any]
+        self, stream: _Stream, frame: Frame, spec: Task, options: dict[str, Any]
     ) -> None:
         stream.running = asyncio.create_task(
             self._analyze_frame(stream, frame, spec, options), name="analyze-frame"
@@ -482,7 +482,7 @@ class Session:
         stream.running.add_done_callback(lambda _: self.app.budget.release(size))
 
     async def _analyze_frame(
-        self, stream: _Stream, frame: Frame, spec: TaskSpec, options: dict[str, Any]
+        self, stream: _Stream, frame: Frame, spec: Task, options: dict[str, Any]
     ) -> None:
         service = self.app.service
         try:

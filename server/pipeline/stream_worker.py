@@ -32,7 +32,6 @@ from redis.exceptions import RedisError, ResponseError
 
 from chunking.errors import ErrorCode
 from server.logs import configure_from_environment
-from server.pipeline.analyzers.base import Analyzer, TaskSpec
 from server.pipeline.jobs import (
     Batch,
     Dispatched,
@@ -44,9 +43,10 @@ from server.pipeline.jobs import (
     WorkerEvent,
 )
 from server.pipeline.redis_queue import decode_job, encode_event
-from server.pipeline.worker import load_analyzers, run_batch
+from server.pipeline.worker import WorkerConfig, load_tasks, run_batch
 from server.storage import keys
 from server.storage.base import ImageRef
+from server.tasks.contract import Task
 
 log = logging.getLogger("pixelstream.stream_worker")
 
@@ -59,8 +59,10 @@ BLOCK_MS = 1000
 @dataclass(frozen=True)
 class StreamWorkerConfig:
     redis_url: str
-    specs: tuple[TaskSpec, ...]
+    tasks: tuple[Task, ...]
     torch_threads: int = 1
+    device: str = "auto"
+    devices: dict[str, str] | None = None
     max_batch_size: int = 4
     max_wait_ms: float = 5.0
     claim_idle_ms: int = 15000
@@ -72,7 +74,7 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 class StreamWorker:
     """One consumer of the job stream. :meth:`run` loops until :meth:`stop`."""
 
-    def __init__(self, config: StreamWorkerConfig, analyzers: Mapping[str, Analyzer],
+    def __init__(self, config: StreamWorkerConfig, analyzers: Mapping[str, Task],
                  redis: redis_sync.Redis | None = None, name: str | None = None) -> None:
         self.config = config
         self.analyzers = analyzers
@@ -227,7 +229,8 @@ def stream_worker_main(config: StreamWorkerConfig) -> None:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # decode() checks each header against the job's limit
-    analyzers = load_analyzers(config.specs)
+    analyzers = load_tasks(WorkerConfig(config.tasks, device=config.device,
+                                        devices=config.devices))
     worker = StreamWorker(config, analyzers)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())

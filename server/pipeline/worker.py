@@ -20,7 +20,6 @@ from typing import Any
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.logs import configure_from_environment
-from server.pipeline.analyzers.base import Analyzer, TaskSpec
 from server.pipeline.decode import DecodedImage, decode
 from server.pipeline.decode_ahead import DecodesAhead
 from server.pipeline.jobs import (
@@ -36,23 +35,39 @@ from server.pipeline.jobs import (
     WorkerEvent,
     WorkerReady,
 )
+from server.tasks.contract import Task, View, parse_options
+from server.tasks.registry import resolve_device
 
 log = logging.getLogger("pixelstream.worker")
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    specs: tuple[TaskSpec, ...]
+    tasks: tuple[Task, ...]
     torch_threads: int = 1
+    device: str = "auto"
+    devices: dict[str, str] | None = None
+    """Per task name, a device other than ``device``."""
 
 
-def load_analyzers(specs: tuple[TaskSpec, ...]) -> dict[str, Analyzer]:
-    analyzers: dict[str, Analyzer] = {}
-    for spec in specs:
-        analyzer = spec.create_analyzer()
-        analyzer.load()
-        analyzers[spec.task] = analyzer
-    return analyzers
+def load_tasks(config: WorkerConfig) -> dict[str, Task]:
+    """Set every task up on its device; by name."""
+    loaded: dict[str, Task] = {}
+    for task in config.tasks:
+        device = (config.devices or {}).get(task.name, config.device)
+        task.setup(resolve_device(device))
+        loaded[task.name] = task
+    return loaded
+
+
+def displayed_size(decoded: DecodedImage) -> tuple[int, int]:
+    """The original image's size as displayed: the header's, turned when the EXIF
+    orientation turned the decoded pixels a quarter (the pixels' aspect says which)."""
+    width, height = decoded.info.width, decoded.info.height
+    w, h = decoded.image.size
+    kept = abs(w / width - h / height)
+    turned = abs(w / height - h / width)
+    return (height, width) if turned < kept else (width, height)
 
 
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
@@ -68,16 +83,16 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     # decode() checks every header against the job's max_pixels before decoding; Pillow's
     # own default limit (about 179 MP) would otherwise cap a larger configured max_pixels.
     Image.MAX_IMAGE_PIXELS = None
-    analyzers = load_analyzers(config.specs)
+    analyzers = load_tasks(config)
     ahead = DecodesAhead(analyzers)
-    conn.send(WorkerReady(pid=os.getpid(), models={t: a.model_id for t, a in analyzers.items()}))
+    conn.send(WorkerReady(pid=os.getpid(), models={t: a.model.id for t, a in analyzers.items()}))
     try:
         serve(conn, analyzers, ahead)
     finally:
         ahead.close()
 
 
-def serve(conn: Connection, analyzers: Mapping[str, Analyzer], ahead: DecodesAhead) -> None:
+def serve(conn: Connection, analyzers: Mapping[str, Task], ahead: DecodesAhead) -> None:
     """The worker's loop: batches and decodes ahead, until told to stop or the gateway goes."""
     while True:
         try:
@@ -101,6 +116,8 @@ def serve(conn: Connection, analyzers: Mapping[str, Analyzer], ahead: DecodesAhe
 class _Prepared:
     job: Job
     image: dict[str, Any]
+    view: View
+    options: Any
     item: Any
     decode_ms: float
     decoded_ahead: bool
@@ -111,7 +128,7 @@ def _fault(job: Job, what: str) -> JobFailed:
     return JobFailed(job.job_id, ErrorCode.INTERNAL, f"{what} failed on the server")
 
 
-def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch,
+def run_batch(analyzers: Mapping[str, Task], batch: Batch,
               ahead: DecodesAhead | None = None) -> Iterator[WorkerEvent]:
     """Decode, preprocess, predict and encode one batch; yields stage events and outcomes.
     A job whose image ``ahead`` decoded while it arrived takes that image instead."""
@@ -131,8 +148,10 @@ def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch,
                 decoded = ahead.take(job.job_id, job.image.path)
             decoded_ahead = decoded is not None
             if decoded is None:
-                decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode_hint)
-            item = analyzer.preprocess(decoded.image, job.options)
+                decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode)
+            view = View.whole(decoded.image, displayed_size(decoded))
+            options = parse_options(analyzer, job.options)
+            item = analyzer.preprocess(view, options)
         except ProtocolError as exc:
             yield JobFailed(job.job_id, exc.code, exc.message)
             continue
@@ -144,7 +163,8 @@ def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch,
             yield _fault(job, "decoding")
             continue
         decode_ms = (time.perf_counter() - started) * 1000
-        prepared.append(_Prepared(job, decoded.info.to_dict(), item, decode_ms, decoded_ahead))
+        prepared.append(_Prepared(job, decoded.info.to_dict(), view, options, item, decode_ms,
+                                  decoded_ahead))
     if not prepared:
         return
     analyzer = analyzers[prepared[0].job.task]
@@ -170,7 +190,7 @@ def run_batch(analyzers: Mapping[str, Analyzer], batch: Batch,
                 output = alone[0]
             else:
                 output = outputs[index]
-            result = analyzer.encode(output, p.job.options)
+            result = analyzer.encode(output, p.view, p.options)
         except Exception:
             yield _fault(p.job, "inference")
             continue

@@ -26,8 +26,8 @@ import redis as redis_sync
 from websockets.exceptions import ConnectionClosed
 
 from chunking.client import Client
-from server.pipeline.analyzers.colors import ColorsSpec
 from server.pipeline.stream_worker import StreamWorkerConfig, spawn_worker
+from server.tasks.builtin.colors import Colors
 from tests.conftest import (
     WAIT_S,
     ProtocolClient,
@@ -37,7 +37,7 @@ from tests.conftest import (
     start_server,
     unique_image,
 )
-from tests.support.gate import GateSpec
+from tests.support.gate import GateTask
 from tests.support.pyclient_proxy import Fault, TcpProxy
 
 CHUNK = 32 * 1024
@@ -317,13 +317,13 @@ async def test_a_restarted_gateway_takes_its_clients_back(redis_process, gate) -
     """Redis mode: a gateway stops under two clients, one mid-upload and one whose job is
     queued behind a busy worker; it starts again on the same port; both resume there and
     get their results. The queued job waited in the stream the whole time."""
-    specs = (ColorsSpec(), GateSpec(gate.lock_path))
+    specs = (Colors(), GateTask(gate.lock_path))
     settings = fast_settings(redis_url=redis_process.url, workers=0, claim_idle_ms=1500,
                              shutdown_grace_s=1)
-    worker = spawn_worker(StreamWorkerConfig(redis_url=redis_process.url, specs=specs,
+    worker = spawn_worker(StreamWorkerConfig(redis_url=redis_process.url, tasks=specs,
                                              max_batch_size=1, max_wait_ms=1,
                                              claim_idle_ms=1500))
-    gateway = start_server(settings, specs=specs)
+    gateway = start_server(settings, tasks=specs)
     restarted: RunningServer | None = None
     try:
         await gateway_ready(gateway)
@@ -348,7 +348,7 @@ async def test_a_restarted_gateway_takes_its_clients_back(redis_process, gate) -
             for context in (blocker_context, q_context, p_context):
                 with contextlib.suppress(Exception):
                     await context.__aexit__(None, None, None)
-            restarted = start_server(settings, specs=specs, port=gateway.port)
+            restarted = start_server(settings, tasks=specs, port=gateway.port)
             await gateway_ready(restarted)
             # The queued job's client: all its bytes were in, so it only follows the job.
             context, client = await open_protocol(restarted.ws_url)

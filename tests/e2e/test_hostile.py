@@ -30,7 +30,7 @@ from websockets.exceptions import InvalidStatus
 
 from chunking.codec import encode_client_binary
 from chunking.messages import Chunk, Frame
-from server.pipeline.analyzers.colors import ColorsSpec
+from server.tasks.builtin.colors import Colors
 from tests.conftest import (
     WAIT_S,
     ProtocolClient,
@@ -42,7 +42,7 @@ from tests.conftest import (
     unique_image,
 )
 from tests.support import hostile_images as bad
-from tests.support.gate import GateSpec
+from tests.support.gate import GateTask
 from tests.support.raw_ws import OP_TEXT, RawWebSocket, frame_bytes
 
 MAX_CONNECTIONS = 12
@@ -52,7 +52,7 @@ MAX_CONNECTIONS = 12
 def server(gate: Any) -> Iterator[RunningServer]:
     settings = fast_settings(uploads_per_minute=0, max_connections_per_client=MAX_CONNECTIONS,
                              upload_idle_timeout_s=1.0)
-    running = start_server(settings, specs=(ColorsSpec(), GateSpec(gate.lock_path)))
+    running = start_server(settings, tasks=(Colors(), GateTask(gate.lock_path)))
     yield running
     running.stop()
 

@@ -26,12 +26,12 @@ import pytest
 import redis as redis_sync
 import websockets
 
-from server.pipeline.analyzers.colors import ColorsSpec
 from server.pipeline.stream_worker import StreamWorkerConfig, spawn_worker
 from server.settings import Settings
 from server.storage import keys
+from server.tasks.builtin.colors import Colors
 from tests.conftest import WAIT_S, RunningServer, fast_settings, start_server, unique_image
-from tests.support.gate import GateSpec
+from tests.support.gate import GateTask
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
@@ -103,18 +103,18 @@ class Cluster:
     def __init__(self, redis_server: PrivateRedis, lock_path: str, gateways: int, workers: int,
                  overrides: dict[str, Any]) -> None:
         self.redis_server = redis_server
-        self.specs = (ColorsSpec(), GateSpec(lock_path))
+        self.specs = (Colors(), GateTask(lock_path))
         self.settings: Settings = fast_settings(
             redis_url=redis_server.url, workers=0, claim_idle_ms=1500, **overrides)
         self.gateways: list[RunningServer] = [
-            start_server(self.settings, specs=self.specs) for _ in range(gateways)
+            start_server(self.settings, tasks=self.specs) for _ in range(gateways)
         ]
         self.workers: list[Any] = [self.spawn_worker() for _ in range(workers)]
         for gateway in self.gateways:
             gateway.call(gateway.state.service.pool.wait_ready(workers))
 
     def spawn_worker(self) -> Any:
-        config = StreamWorkerConfig(redis_url=self.redis_server.url, specs=self.specs,
+        config = StreamWorkerConfig(redis_url=self.redis_server.url, tasks=self.specs,
                                     max_batch_size=4, max_wait_ms=2, claim_idle_ms=1500)
         return spawn_worker(config)
 

@@ -4,49 +4,56 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ConfigDict, Field
 
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.analysis import AnalysisService
 from server.metrics import Metrics
-from server.pipeline.analyzers.base import OptionsError
-from server.pipeline.analyzers.colors import ColorsSpec
 from server.pipeline.pool import WorkerPool
 from server.pipeline.worker import WorkerConfig
 from server.storage.base import ImageRef
 from server.storage.memory import LruResultCache
+from server.tasks.builtin.colors import Colors
+from server.tasks.contract import ModelInfo, Task, TaskOptions
+from server.tasks.registry import Registry
 from tests.conftest import make_image
-from tests.support.gate import GateSpec, gate_closed
+from tests.support.gate import GateTask, gate_closed
 
 WAIT_S = 30.0
 MAX_PIXELS = 40_000_000
 SHA = hashlib.sha256(b"image").hexdigest()
 
 
-@dataclass(frozen=True)
-class FakeSpec:
+class FakeOptions(TaskOptions):
+    """Options with a default, and any others except ``bad``."""
+
+    model_config = ConfigDict(extra="allow")
+    level: int = 1
+    bad: None = Field(default=None, exclude=True)
+
+
+class FakeSpec(Task):
     """A task that accepts any options, except ``{"bad": ...}``."""
 
-    task: str = "fake"
-    model_id: str = "test/fake-v1"
-    model_revision: str = ""
+    Options = FakeOptions
 
-    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        if "bad" in options:
-            raise OptionsError("option 'bad' is not allowed")
-        return {"level": 1, **options}
+    def __init__(self, name: str = "fake", model_id: str = "test/fake-v1",
+                 revision: str = "") -> None:
+        self.name = name
+        self.info = ModelInfo(model_id, revision)
 
-    def create_analyzer(self) -> Any:
-        raise NotImplementedError
+    @property
+    def model(self) -> ModelInfo:
+        return self.info
 
 
-def idle_pool(max_queue: int = 64, specs: tuple[Any, ...] = (ColorsSpec(),)) -> WorkerPool:
+def idle_pool(max_queue: int = 64, specs: tuple[Any, ...] = (Colors(),)) -> WorkerPool:
     """A pool that is never started: enough for everything but running jobs."""
     return WorkerPool(WorkerConfig(specs), workers=1, max_batch_size=4, max_wait_ms=0,
                       max_queue=max_queue)
@@ -54,8 +61,8 @@ def idle_pool(max_queue: int = 64, specs: tuple[Any, ...] = (ColorsSpec(),)) -> 
 
 def service(pool: WorkerPool | None = None, metrics: Metrics | None = None,
             cache_entries: int = 100) -> AnalysisService:
-    specs = {"colors": ColorsSpec(), "fake": FakeSpec()}
-    return AnalysisService(specs, "colors", pool or idle_pool(), LruResultCache(cache_entries),
+    registry = Registry([Colors(), FakeSpec()], default="colors")
+    return AnalysisService(registry, pool or idle_pool(), LruResultCache(cache_entries),
                            metrics or Metrics(), MAX_PIXELS)
 
 
@@ -70,21 +77,20 @@ def cache_lookups(metrics: Metrics, outcome: str) -> float:
 
 def test_the_default_task_must_be_offered() -> None:
     with pytest.raises(ValueError, match="default task"):
-        AnalysisService({"colors": ColorsSpec()}, "classify", idle_pool(), LruResultCache(1),
-                        Metrics(), MAX_PIXELS)
+        Registry([Colors()], default="classify")
 
 
 def test_resolve_without_a_task_gives_the_default() -> None:
     svc = service()
     spec, options = svc.resolve(None, {})
-    assert spec.task == "colors"
+    assert spec.name == "colors"
     assert options == {"colors": 5}  # defaults filled in
     assert svc.tasks == ["colors", "fake"]
 
 
 def test_resolve_a_named_task_with_its_options() -> None:
     spec, options = service().resolve("fake", {"x": [1, 2]})
-    assert spec == FakeSpec()
+    assert spec.name == "fake"
     assert options == {"level": 1, "x": [1, 2]}
 
 
@@ -102,6 +108,9 @@ def test_resolve_an_unknown_task() -> None:
     ("colors", {"colors": 99}),
     ("colors", {"palette": "warm"}),
     ("fake", {"bad": True}),
+    ("fake", {"level": "1"}),
+    ("colors", {"colors": 2.0}),
+    ("colors", []),
 ])
 def test_resolve_bad_options_is_bad_message(task: str, options: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError) as caught:
@@ -127,9 +136,9 @@ def test_cache_key_differs_by_image_task_options_model_and_revision() -> None:
     base = AnalysisService.cache_key(SHA, FakeSpec(), {"a": 1})
     others = [
         AnalysisService.cache_key(hashlib.sha256(b"other").hexdigest(), FakeSpec(), {"a": 1}),
-        AnalysisService.cache_key(SHA, FakeSpec(task="fake2"), {"a": 1}),
+        AnalysisService.cache_key(SHA, FakeSpec(name="fake2"), {"a": 1}),
         AnalysisService.cache_key(SHA, FakeSpec(model_id="test/fake-v2"), {"a": 1}),
-        AnalysisService.cache_key(SHA, FakeSpec(model_revision="retrained"), {"a": 1}),
+        AnalysisService.cache_key(SHA, FakeSpec(revision="retrained"), {"a": 1}),
         AnalysisService.cache_key(SHA, FakeSpec(), {"a": 2}),
         AnalysisService.cache_key(SHA, FakeSpec(), {"a": "1"}),
         AnalysisService.cache_key(SHA, FakeSpec(), {}),
@@ -180,14 +189,14 @@ def gate_path(tmp_path: Path) -> str:
 
 @pytest.fixture
 async def running(gate_path: str) -> AsyncIterator[AnalysisService]:
-    specs = {"colors": ColorsSpec(), "gate": GateSpec(gate_path)}
-    pool = WorkerPool(WorkerConfig(tuple(specs.values())), workers=1, max_batch_size=4,
+    tasks = (Colors(), GateTask(gate_path))
+    pool = WorkerPool(WorkerConfig(tasks), workers=1, max_batch_size=4,
                       max_wait_ms=0, max_queue=64)
     await pool.start()
     try:
         async with asyncio.timeout(WAIT_S):
             await pool.wait_ready()
-        yield AnalysisService(specs, "colors", pool, LruResultCache(10), Metrics(), MAX_PIXELS)
+        yield AnalysisService(Registry(tasks), pool, LruResultCache(10), Metrics(), MAX_PIXELS)
     finally:
         async with asyncio.timeout(WAIT_S):
             await pool.stop(grace_s=2)
@@ -204,7 +213,7 @@ async def test_run_reports_stages_and_caches_the_payload(running: AnalysisServic
                                                                                     position)))
     assert stages == [(Stage.QUEUED, 1), (Stage.DECODING, None), (Stage.INFERENCE, None)]
     assert payload["task"] == "colors"
-    assert payload["model"] == spec.model_id
+    assert payload["model"] == spec.model.id
     assert payload["image"] == {"width": 64, "height": 48, "format": "PNG"}
     assert len(payload["result"]["colors"]) <= 2
     assert set(timings) == {"queue", "decode", "inference"}

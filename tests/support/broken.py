@@ -1,38 +1,20 @@
-"""A test task whose analyzer fails to load: the worker exits before it is ready."""
+"""A test task that fails to set up: the worker exits before it is ready."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from server.tasks.builtin.colors import Colors
+from server.tasks.contract import ModelInfo
 
-from server.pipeline.analyzers.colors import ColorsAnalyzer
-
-LOAD_ERROR = "the broken test analyzer refuses to load"
+LOAD_ERROR = "the broken test task refuses to load"
 
 
-@dataclass(frozen=True)
-class BrokenSpec:
-    task: str = "broken"
+class BrokenTask(Colors):
+    name = "broken"
+    kind = "python"
 
     @property
-    def model_id(self) -> str:
-        return "test/broken"
+    def model(self) -> ModelInfo:
+        return ModelInfo(id="test/broken")
 
-    @property
-    def model_revision(self) -> str:
-        return ""
-
-    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def create_analyzer(self) -> BrokenAnalyzer:
-        return BrokenAnalyzer()
-
-
-class BrokenAnalyzer(ColorsAnalyzer):
-    task = "broken"
-    model_id = "test/broken"
-
-    def load(self) -> None:
+    def setup(self, device: str) -> None:
         raise RuntimeError(LOAD_ERROR)

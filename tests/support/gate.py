@@ -8,48 +8,33 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
-from server.pipeline.analyzers.colors import ColorsAnalyzer
+from server.tasks.builtin.colors import Colors
+from server.tasks.contract import ModelInfo, TaskOptions, View
 
 
-@dataclass(frozen=True)
-class GateSpec:
-    lock_path: str
-    task: str = "gate"
-
-    @property
-    def model_id(self) -> str:
-        return "test/gate"
-
-    @property
-    def model_revision(self) -> str:
-        return ""
-
-    def validate_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def create_analyzer(self) -> GateAnalyzer:
-        return GateAnalyzer(self.lock_path)
-
-
-class GateAnalyzer(ColorsAnalyzer):
-    task = "gate"
-    model_id = "test/gate"
+class GateTask(Colors):
+    name = "gate"
+    kind = "python"
+    Options = TaskOptions
 
     def __init__(self, lock_path: str) -> None:
         self.lock_path = lock_path
 
-    def preprocess(self, image: Any, options: Mapping[str, Any]) -> Any:
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo(id="test/gate")
+
+    def preprocess(self, view: View, options: Any) -> Any:
         with open(self.lock_path, "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH)  # blocks while a test holds the gate closed
             fcntl.flock(lock, fcntl.LOCK_UN)
-        return super().preprocess(image, options)
+        return super().preprocess(view, options)
 
-    def encode(self, output: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-        return super().encode(output, {"colors": 1})
+    def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:
+        return super().encode(output, view, Colors.Options(colors=1))
 
 
 @contextlib.contextmanager

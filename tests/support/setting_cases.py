@@ -16,6 +16,8 @@ SETTING_CASES: dict[str, tuple[str, Any]] = {
     "max_uploads": ("3", 3),
     "window_bytes": ("262144", 262144),
     "model": ("/models/vit", "/models/vit"),
+    "tasks": ("/etc/pixelstream/tasks.toml", Path("/etc/pixelstream/tasks.toml")),
+    "device": ("cuda:1", "cuda:1"),
     "workers": ("4", 4),
     "torch_threads": ("2", 2),
     "max_batch_size": ("16", 16),

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps
 
 from chunking.errors import ErrorCode, ProtocolError
-from server.pipeline.analyzers.base import DecodeHint
 from server.pipeline.decode import DecodedImage, ImageInfo, check_pixels, decode, probe
+from server.tasks.contract import DecodeHint
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MAX_PIXELS = 178_956_970  # the protocol's advertised default
@@ -600,7 +600,7 @@ MEASURE = textwrap.dedent(
     """
     import re, sys, time
     from PIL import Image
-    from server.pipeline.analyzers.base import DecodeHint
+    from server.tasks.contract import DecodeHint
     from server.pipeline.decode import decode
 
     def status(key):

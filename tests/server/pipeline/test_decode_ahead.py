@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.pipeline.analyzers.base import DecodeHint
 from server.pipeline.decode import decode
 from server.pipeline.decode_ahead import AheadDecode, DecodeDropped, DecodesAhead
 from server.pipeline.jobs import DecodeAhead
+from server.tasks.contract import DecodeHint
 
 WAIT_S = 30.0
 MAX_PIXELS = 40_000_000
@@ -29,9 +29,8 @@ MAX_PIXELS = 40_000_000
 class HintOnly:
     """The one analyzer attribute a decode ahead reads."""
 
-    task = "fake"
-    model_id = "test/fake"
-    decode_hint = DecodeHint(min_short_side=64)
+    name = "fake"
+    decode = DecodeHint(min_short_side=64)
 
 
 def jpeg(width: int = 1200, height: int = 800) -> bytes:
@@ -75,7 +74,7 @@ def threads() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 
 
 def whole(data: bytes) -> bytes:
-    return decode(data, max_pixels=MAX_PIXELS, hint=HintOnly.decode_hint).image.tobytes()
+    return decode(data, max_pixels=MAX_PIXELS, hint=HintOnly.decode).image.tobytes()
 
 
 def test_an_upload_decoded_as_it_arrives_is_the_image_decoded_whole(spool: SpoolFile) -> None:

@@ -104,10 +104,10 @@ def test_imagenet_labels_are_the_1000_classes_in_order() -> None:
     assert labels[967] == "espresso"
     assert labels[999] == "toilet tissue, toilet paper, bathroom tissue"
     assert all(label == label.strip() and label for label in labels)
-    text = (ROOT / "server/pipeline/analyzers/imagenet_classes.txt").read_text(encoding="utf-8")
+    text = (ROOT / "server/tasks/builtin/imagenet_classes.txt").read_text(encoding="utf-8")
     assert text.count("\n") == 1000
     assert text.endswith("\n")
-    assert (ROOT / "server/pipeline/analyzers/IMAGENET_CLASSES_LICENSE.md").is_file()
+    assert (ROOT / "server/tasks/builtin/IMAGENET_CLASSES_LICENSE.md").is_file()
 
 
 # -- prepare_default_model --------------------------------------------------

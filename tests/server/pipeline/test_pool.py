@@ -20,15 +20,15 @@ import pytest
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.metrics import Metrics
-from server.pipeline.analyzers.colors import ColorsSpec
 from server.pipeline.jobs import Dispatched, JobDone, JobEvent, JobFailed, Queued, StageReached
 from server.pipeline.pool import Ticket, WorkerPool
 from server.pipeline.spool import Spool
 from server.pipeline.worker import WorkerConfig
 from server.storage.base import ImageRef
+from server.tasks.builtin.colors import Colors
 from tests.conftest import make_image
-from tests.support.broken import BrokenSpec
-from tests.support.gate import GateSpec, gate_closed
+from tests.support.broken import BrokenTask
+from tests.support.gate import GateTask, gate_closed
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -110,11 +110,11 @@ async def make_pool(gate_path: str) -> AsyncIterator[PoolFactory]:
     """Start pools (tasks ``colors`` and ``gate`` unless told); every one is stopped after."""
     pools: list[WorkerPool] = []
 
-    async def factory(*, specs: tuple[Any, ...] | None = None, workers: int = 1,
+    async def factory(*, tasks: tuple[Any, ...] | None = None, workers: int = 1,
                       max_batch_size: int = 4, max_wait_ms: float = 0.0, max_queue: int = 64,
                       metrics: Metrics | None = None, ready: bool = True) -> WorkerPool:
-        specs = specs if specs is not None else (ColorsSpec(), GateSpec(gate_path))
-        pool = WorkerPool(WorkerConfig(specs), workers=workers, max_batch_size=max_batch_size,
+        tasks = tasks if tasks is not None else (Colors(), GateTask(gate_path))
+        pool = WorkerPool(WorkerConfig(tasks), workers=workers, max_batch_size=max_batch_size,
                           max_wait_ms=max_wait_ms, max_queue=max_queue, metrics=metrics)
         pools.append(pool)
         await pool.start()
@@ -424,7 +424,7 @@ async def test_stop_lets_idle_workers_exit(make_pool: PoolFactory, tmp_path: Pat
 async def test_a_worker_that_cannot_load_its_model_fails_jobs_internal(
     make_pool: PoolFactory,
 ) -> None:
-    pool = await make_pool(specs=(BrokenSpec(),), ready=False)
+    pool = await make_pool(tasks=(BrokenTask(),), ready=False)
     early = submit(pool, "broken", options={})  # queued before the worker gives up
     with pytest.raises(RuntimeError, match="exited while loading"):
         async with asyncio.timeout(WAIT_S):

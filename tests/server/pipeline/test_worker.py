@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ConfigDict
 
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
-from server.pipeline.analyzers.base import DecodeHint
-from server.pipeline.analyzers.colors import ColorsSpec
 from server.pipeline.decode_ahead import DecodesAhead
 from server.pipeline.jobs import (
     Batch,
@@ -23,8 +22,10 @@ from server.pipeline.jobs import (
     StageReached,
     WorkerEvent,
 )
-from server.pipeline.worker import WorkerConfig, load_analyzers, run_batch
+from server.pipeline.worker import WorkerConfig, load_tasks, run_batch
 from server.storage.base import ImageRef
+from server.tasks.builtin.colors import Colors
+from server.tasks.contract import DecodeHint, Task, TaskOptions, View
 from tests.conftest import make_image
 
 MAX_PIXELS = 40_000_000
@@ -32,16 +33,20 @@ SECRET = "/srv/secret/weights.bin"
 """Appears in every exception the fakes raise: it must never reach a client's message."""
 
 
-class FakeAnalyzer:
+class AnyOptions(TaskOptions):
+    model_config = ConfigDict(extra="allow")
+
+
+class FakeAnalyzer(Task):
     """Preprocess gives the image's width; predict multiplies by 10; encode wraps it.
 
     ``poison``: a width whose presence makes predict raise for the whole batch.
     ``bad_encode``: an output encode refuses. ``extra``: outputs predict adds to each answer.
     """
 
-    task = "fake"
-    model_id = "test/fake"
-    decode_hint = DecodeHint(min_short_side=None)
+    name = "fake"
+    Options = AnyOptions
+    decode = DecodeHint(min_short_side=None)
 
     def __init__(self, *, poison: int | None = None, bad_encode: int | None = None,
                  extra: int = 0, bad_preprocess: int | None = None) -> None:
@@ -52,13 +57,13 @@ class FakeAnalyzer:
         self.loaded = False
         self.predict_calls: list[int] = []
 
-    def load(self) -> None:
+    def setup(self, device: str) -> None:
         self.loaded = True
 
-    def preprocess(self, image: Any, options: Mapping[str, Any]) -> Any:
-        if image.width == self.bad_preprocess:
+    def preprocess(self, view: View, options: Any) -> Any:
+        if view.image.width == self.bad_preprocess:
             raise ZeroDivisionError(f"preprocess blew up reading {SECRET}")
-        return image.width
+        return view.image.width
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
         self.predict_calls.append(len(batch))
@@ -66,10 +71,10 @@ class FakeAnalyzer:
             raise ValueError(f"CUDA error in {SECRET}")
         return [width * 10 for width in batch] + [0] * self.extra
 
-    def encode(self, output: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:
         if output == self.bad_encode:
             raise KeyError(SECRET)
-        return {"value": output, "options": dict(options)}
+        return {"value": output, "options": options.model_dump()}
 
 
 def png(width: int) -> bytes:
@@ -82,7 +87,7 @@ def job(job_id: int, width: int, task: str = "fake", **options: Any) -> Job:
 
 
 def run(analyzer: Any, *jobs: Job) -> list[WorkerEvent]:
-    return list(run_batch({analyzer.task: analyzer}, Batch(list(jobs))))
+    return list(run_batch({analyzer.name: analyzer}, Batch(list(jobs))))
 
 
 def outcomes(events: list[WorkerEvent]) -> dict[int, JobDone | JobFailed]:
@@ -233,10 +238,10 @@ def test_bad_images_fail_with_the_decoders_code() -> None:
 
 def test_preprocess_faults_fail_that_job_internal_and_protocol_errors_keep_their_code() -> None:
     class Picky(FakeAnalyzer):
-        def preprocess(self, image: Any, options: Mapping[str, Any]) -> Any:
-            if image.width == 13:
+        def preprocess(self, view: View, options: Any) -> Any:
+            if view.image.width == 13:
                 raise ProtocolError(ErrorCode.TOO_MANY_PIXELS, "too big for this model")
-            return super().preprocess(image, options)
+            return super().preprocess(view, options)
 
     analyzer = Picky(bad_preprocess=12)
     result = outcomes(run(analyzer, job(1, 11), job(2, 12), job(3, 13)))
@@ -254,10 +259,12 @@ def test_no_inference_stage_when_every_job_failed_before_it() -> None:
     assert analyzer.predict_calls == []
 
 
-def test_load_analyzers_builds_and_loads_one_per_spec() -> None:
-    analyzers = load_analyzers(WorkerConfig((ColorsSpec(),)).specs)
-    assert list(analyzers) == ["colors"]
-    assert analyzers["colors"].model_id == ColorsSpec().model_id
+def test_load_tasks_sets_each_task_up_on_its_device() -> None:
+    fake = FakeAnalyzer()
+    loaded = load_tasks(WorkerConfig((Colors(), fake), device="cpu"))
+    assert list(loaded) == ["colors", "fake"]
+    assert loaded["fake"] is fake
+    assert fake.loaded
 
 
 def test_a_job_takes_the_image_its_worker_decoded_ahead(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Tests for server.pipeline.analyzers.classify: the ``classify`` task with the real model."""
+"""server.tasks.hf: the Hugging Face adapter; ``image-classification`` with the bundled model
+(the built-in ``classify``) and tiny random-init folders."""
 
 from __future__ import annotations
 
@@ -16,15 +17,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.pipeline.analyzers.base import DecodeHint, OptionsError
-from server.pipeline.analyzers.classify import (
-    ClassifyAnalyzer,
-    ClassifySpec,
-    decode_hint_from_processor,
-)
 from server.pipeline.model_store import DEFAULT_MODEL_ID
+from server.tasks.contract import (
+    DecodeHint,
+    OptionsError,
+    View,
+    check_contract,
+    parse_options,
+    validate_options,
+)
+from server.tasks.hf import KINDS, ImageClassification, decode_hint_from_processor
+from tests.support.tiny_models import tiny_mobilenet, tiny_vit
 
-ROOT = Path(__file__).resolve().parents[4]
+ROOT = Path(__file__).resolve().parents[3]
 CAT_CLASSES = {"Egyptian cat", "tabby, tabby cat", "tiger cat"}
 
 
@@ -36,18 +41,18 @@ def _skimage(name: str) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def analyzer(models_root: Path) -> ClassifyAnalyzer:
-    created = ClassifySpec().create_analyzer()
-    assert isinstance(created, ClassifyAnalyzer)
-    created.load()
+def analyzer(models_root: Path) -> ImageClassification:
+    created = ImageClassification()
+    created.prepare()
+    created.setup("cpu")
     return created
 
 
 @pytest.fixture(scope="module")
-def reference(analyzer: ClassifyAnalyzer) -> ClassifyAnalyzer:
+def reference(analyzer: ImageClassification) -> ImageClassification:
     """The same model through the plain transformers processor and an unmodified network."""
-    plain = ClassifyAnalyzer(fast_preprocess=False, optimize=False)
-    plain.load()
+    plain = ImageClassification(fast_preprocess=False, optimize=False)
+    plain.setup("cpu")
     return plain
 
 
@@ -56,12 +61,20 @@ def images() -> dict[str, Image.Image]:
     return {name: _skimage(name) for name in ("chelsea", "coffee", "astronaut", "rocket")}
 
 
+def view(image: Image.Image) -> View:
+    return View.whole(image, image.size)
+
+
+def opts(task: ImageClassification, **options: Any) -> Any:
+    return parse_options(task, validate_options(task, options))
+
+
 def classify(
-    analyzer: ClassifyAnalyzer, image: Image.Image, **options: Any
+    analyzer: ImageClassification, image: Image.Image, **options: Any
 ) -> list[dict[str, Any]]:
-    opts = ClassifySpec().validate_options(options)
-    output = analyzer.predict([analyzer.preprocess(image, opts)])[0]
-    labels: list[dict[str, Any]] = analyzer.encode(output, opts)["labels"]
+    parsed = opts(analyzer, **options)
+    output = analyzer.predict([analyzer.preprocess(view(image), parsed)])[0]
+    labels: list[dict[str, Any]] = analyzer.encode(output, view(image), parsed)["labels"]
     return labels
 
 
@@ -69,16 +82,15 @@ def classify(
 
 
 def test_spec_basics() -> None:
-    spec = ClassifySpec()
-    assert spec.task == "classify"
-    assert spec.model_id == DEFAULT_MODEL_ID
-    assert ClassifySpec("acme/vit-birds").model_id == "acme/vit-birds"
-    analyzer = spec.create_analyzer()
-    assert isinstance(analyzer, ClassifyAnalyzer)
-    assert analyzer.task == "classify"
-    assert analyzer.model_id == DEFAULT_MODEL_ID
-    assert analyzer.decode_hint == DecodeHint(min_short_side=256)
-    assert not analyzer.loaded
+    spec = ImageClassification()
+    assert spec.name == "classify"
+    assert spec.kind == "image-classification"
+    assert KINDS["image-classification"] is ImageClassification
+    assert spec.model.id == DEFAULT_MODEL_ID
+    assert ImageClassification("acme/vit-birds").model.id == "acme/vit-birds"
+    assert spec.decode == DecodeHint(min_short_side=256)
+    assert spec.net is None
+    assert check_contract(spec) == []
 
 
 def test_spec_of_a_local_folder_reads_only_its_json(tmp_path: Path) -> None:
@@ -90,56 +102,61 @@ def test_spec_of_a_local_folder_reads_only_its_json(tmp_path: Path) -> None:
     (folder / "preprocessor_config.json").write_text(
         json.dumps({"do_resize": True, "size": {"height": 384, "width": 384}}), encoding="utf-8"
     )
-    spec = ClassifySpec(str(folder))
-    assert spec.model_id == "birds"
-    assert len(spec.model_revision) == 16
-    assert spec.max_top_k == 3
-    assert spec.validate_options({}) == {"top_k": 3}
-    assert spec.validate_options({"top_k": 2}) == {"top_k": 2}
-    with pytest.raises(OptionsError, match="from 1 to 3"):
-        spec.validate_options({"top_k": 4})
-    assert spec.create_analyzer().decode_hint == DecodeHint(min_short_side=384)
+    spec = ImageClassification(str(folder), name="birds")
+    assert spec.model.id == "birds"
+    assert len(spec.model.revision) == 16
+    assert spec.label_count() == 3
+    assert validate_options(spec, {}) == {"top_k": 3}
+    assert validate_options(spec, {"top_k": 2}) == {"top_k": 2}
+    with pytest.raises(OptionsError, match="less than or equal to 3"):
+        validate_options(spec, {"top_k": 4})
+    assert spec.decode == DecodeHint(min_short_side=384)
+    schema = spec.options_model().model_json_schema()
+    assert schema["properties"]["top_k"]["maximum"] == 3
 
 
 def test_validate_options_defaults_and_normalizes() -> None:
-    spec = ClassifySpec()
-    assert spec.validate_options({}) == {"top_k": 5}
-    assert spec.validate_options({"top_k": 1}) == {"top_k": 1}
-    assert spec.validate_options({"top_k": 1000}) == {"top_k": 1000}
+    spec = ImageClassification()
+    assert validate_options(spec, {}) == {"top_k": 5}
+    assert validate_options(spec, {"top_k": 1}) == {"top_k": 1}
+    assert validate_options(spec, {"top_k": 1000}) == {"top_k": 1000}
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"top_k": 0}, "from 1 to 1000"),
-        ({"top_k": -3}, "from 1 to 1000"),
-        ({"top_k": 1001}, "from 1 to 1000"),
-        ({"top_k": True}, "must be an integer"),
-        ({"top_k": 5.0}, "must be an integer"),
-        ({"top_k": "5"}, "must be an integer"),
-        ({"top_k": None}, "must be an integer"),
-        ({"topk": 5}, "unknown option"),
+        ({"top_k": 0}, "greater than or equal to 1"),
+        ({"top_k": -3}, "greater than or equal to 1"),
+        ({"top_k": 1001}, "less than or equal to 1000"),
+        ({"top_k": True}, "valid integer"),
+        ({"top_k": 5.0}, "valid integer"),
+        ({"top_k": "5"}, "valid integer"),
+        ({"top_k": None}, "valid integer"),
+        ({"topk": 5}, "unknown option 'topk'"),
         ({"top_k": 5, "threshold": 0.5}, "'threshold'"),
     ],
 )
 def test_validate_options_rejects(options: dict[str, Any], message: str) -> None:
     with pytest.raises(OptionsError, match=message):
-        ClassifySpec().validate_options(options)
+        validate_options(ImageClassification(), options)
 
 
 def test_validate_options_rejects_non_mapping() -> None:
     with pytest.raises(OptionsError, match="must be an object"):
-        ClassifySpec().validate_options([("top_k", 5)])  # type: ignore[arg-type]
+        validate_options(ImageClassification(), [("top_k", 5)])
 
 
 def test_spec_import_does_not_import_torch_or_transformers() -> None:
     code = (
         "import sys\n"
-        "from server.pipeline.analyzers.classify import ClassifySpec\n"
-        "spec = ClassifySpec()\n"
-        "assert spec.model_id == 'pixelstream/mobilenet_v2-imagenet'\n"
-        "assert spec.validate_options({'top_k': 3}) == {'top_k': 3}\n"
-        "analyzer = spec.create_analyzer()\n"
+        "from server.tasks.registry import load_registry\n"
+        "from server.tasks.contract import validate_options\n"
+        "registry = load_registry()\n"
+        "spec = registry.get('classify')\n"
+        "assert spec.model.id == 'pixelstream/mobilenet_v2-imagenet'\n"
+        "assert validate_options(spec, {'top_k': 3}) == {'top_k': 3}\n"
+        "assert registry.describe()[0]['name'] == 'classify'\n"
+        "import pickle; pickle.dumps(spec)\n"
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -171,29 +188,29 @@ def test_decode_hint_from_processor(config: dict[str, Any], side: int | None) ->
     assert decode_hint_from_processor(config) == DecodeHint(min_short_side=side)
 
 
-def test_loaded_decode_hint(analyzer: ClassifyAnalyzer) -> None:
-    assert analyzer.decode_hint == DecodeHint(min_short_side=256)
+def test_loaded_decode_hint(analyzer: ImageClassification) -> None:
+    assert analyzer.decode == DecodeHint(min_short_side=256)
 
 
 # -- the real model --------------------------------------------------
 
 
-def test_chelsea_is_a_cat(analyzer: ClassifyAnalyzer, images: dict[str, Image.Image]) -> None:
+def test_chelsea_is_a_cat(analyzer: ImageClassification, images: dict[str, Image.Image]) -> None:
     top3 = [item["label"] for item in classify(analyzer, images["chelsea"], top_k=3)]
     assert CAT_CLASSES & set(top3), top3
 
 
-def test_coffee_is_espresso(analyzer: ClassifyAnalyzer, images: dict[str, Image.Image]) -> None:
+def test_coffee_is_espresso(analyzer: ImageClassification, images: dict[str, Image.Image]) -> None:
     labels = classify(analyzer, images["coffee"])
     assert labels[0]["label"] == "espresso"
     assert labels[0]["score"] > 0.9
 
 
-def test_result_shape(analyzer: ClassifyAnalyzer, images: dict[str, Image.Image]) -> None:
-    opts = {"top_k": 5}
-    payload = analyzer.encode(
-        analyzer.predict([analyzer.preprocess(images["rocket"], opts)])[0], opts
-    )
+def test_result_shape(analyzer: ImageClassification, images: dict[str, Image.Image]) -> None:
+    parsed = opts(analyzer, top_k=5)
+    rocket = view(images["rocket"])
+    payload = analyzer.encode(analyzer.predict([analyzer.preprocess(rocket, parsed)])[0], rocket,
+                              parsed)
     assert list(payload) == ["labels"]
     json.dumps(payload)  # JSON-ready: plain str and float
     for item in payload["labels"]:
@@ -206,7 +223,7 @@ def test_result_shape(analyzer: ClassifyAnalyzer, images: dict[str, Image.Image]
 
 @pytest.mark.parametrize("top_k", [1, 3, 5, 17, 1000])
 def test_top_k_is_respected(
-    analyzer: ClassifyAnalyzer, images: dict[str, Image.Image], top_k: int
+    analyzer: ImageClassification, images: dict[str, Image.Image], top_k: int
 ) -> None:
     labels = classify(analyzer, images["astronaut"], top_k=top_k)
     assert len(labels) == top_k
@@ -218,22 +235,23 @@ def test_top_k_is_respected(
 
 
 def test_batch_matches_one_by_one(
-    analyzer: ClassifyAnalyzer, images: dict[str, Image.Image]
+    analyzer: ImageClassification, images: dict[str, Image.Image]
 ) -> None:
-    opts = {"top_k": 5}
-    prepared = [analyzer.preprocess(image, opts) for image in images.values()]
+    parsed = opts(analyzer, top_k=5)
+    prepared = [analyzer.preprocess(view(image), parsed) for image in images.values()]
     batched = analyzer.predict(prepared)
     assert len(batched) == len(prepared)
     for item, from_batch in zip(prepared, batched, strict=True):
         alone = analyzer.predict([item])[0]
         np.testing.assert_allclose(from_batch, alone, atol=1e-5)
-        assert [x["label"] for x in analyzer.encode(from_batch, opts)["labels"]][:2] == [
-            x["label"] for x in analyzer.encode(alone, opts)["labels"]
+        some = view(images["rocket"])
+        assert [x["label"] for x in analyzer.encode(from_batch, some, parsed)["labels"]][:2] == [
+            x["label"] for x in analyzer.encode(alone, some, parsed)["labels"]
         ][:2]
     assert analyzer.predict([]) == []
 
 
-def test_preprocess_output(analyzer: ClassifyAnalyzer, images: dict[str, Image.Image]) -> None:
+def test_preprocess_output(analyzer: ImageClassification, images: dict[str, Image.Image]) -> None:
     import torch
 
     for image in [
@@ -241,7 +259,7 @@ def test_preprocess_output(analyzer: ClassifyAnalyzer, images: dict[str, Image.I
         images["chelsea"].convert("L"),
         images["coffee"].convert("RGBA"),
     ]:
-        tensor = analyzer.preprocess(image, {"top_k": 5})
+        tensor = analyzer.preprocess(view(image), opts(analyzer))
         assert isinstance(tensor, torch.Tensor)
         assert tensor.shape == (3, 224, 224)
         assert tensor.dtype == torch.float32
@@ -250,8 +268,8 @@ def test_preprocess_output(analyzer: ClassifyAnalyzer, images: dict[str, Image.I
 
 @pytest.mark.parametrize("size", [(451, 300), (256, 192), (1500, 1125), (1125, 1500), (224, 224)])
 def test_fast_path_matches_transformers_processor(
-    analyzer: ClassifyAnalyzer,
-    reference: ClassifyAnalyzer,
+    analyzer: ImageClassification,
+    reference: ImageClassification,
     images: dict[str, Image.Image],
     size: tuple[int, int],
 ) -> None:
@@ -259,8 +277,8 @@ def test_fast_path_matches_transformers_processor(
     assert reference._fast is None
     for name in ("chelsea", "coffee"):
         image = images[name].resize(size, Image.Resampling.BICUBIC)
-        fast = analyzer.preprocess(image, {})
-        slow = reference.preprocess(image, {})
+        fast = analyzer.preprocess(view(image), opts(analyzer))
+        slow = reference.preprocess(view(image), opts(reference))
         # the same pixels up to a rare one-level rounding difference of the resampler
         assert float((fast - slow).abs().max()) < 0.02
         p_fast = analyzer.predict([fast])[0]
@@ -270,7 +288,7 @@ def test_fast_path_matches_transformers_processor(
 
 
 def test_real_images_match_reference(
-    analyzer: ClassifyAnalyzer, reference: ClassifyAnalyzer, images: dict[str, Image.Image]
+    analyzer: ImageClassification, reference: ImageClassification, images: dict[str, Image.Image]
 ) -> None:
     for name in ("chelsea", "coffee"):
         fast = classify(analyzer, images[name], top_k=3)
@@ -280,68 +298,43 @@ def test_real_images_match_reference(
             assert a["score"] == pytest.approx(b["score"], abs=1e-3)
 
 
-def test_hooks_require_load() -> None:
-    fresh = ClassifyAnalyzer()
-    with pytest.raises(RuntimeError, match="load"):
-        fresh.preprocess(Image.new("RGB", (300, 300)), {"top_k": 5})
+def test_hooks_require_setup() -> None:
+    fresh = ImageClassification()
+    with pytest.raises(RuntimeError, match="setup"):
+        fresh.preprocess(view(Image.new("RGB", (300, 300))), opts(fresh))
 
 
 # -- encode --------------------------------------------------
 
 
 def test_encode_orders_ties_by_class_index() -> None:
-    analyzer = ClassifyAnalyzer()
+    analyzer = ImageClassification()
     analyzer.labels = ["a", "b", "c", "d"]
     probs = np.array([0.2, 0.3, 0.2, 0.3], dtype=np.float32)
-    labels = analyzer.encode(probs, {"top_k": 4})["labels"]
+    some = view(Image.new("RGB", (8, 8)))
+    labels = analyzer.encode(probs, some, opts(analyzer, top_k=4))["labels"]
     assert [x["label"] for x in labels] == ["b", "d", "a", "c"]
-    assert [x["label"] for x in analyzer.encode(probs, {"top_k": 9})["labels"]] == [
-        "b",
-        "d",
-        "a",
-        "c",
-    ]
-    assert analyzer.encode(probs, {})["labels"][0] == {"label": "b", "score": 0.3}
+    assert [x["label"] for x in analyzer.encode(probs, some, opts(analyzer, top_k=9))["labels"]
+            ] == ["b", "d", "a", "c"]
+    assert analyzer.encode(probs, some, opts(analyzer))["labels"][0] == {"label": "b",
+                                                                         "score": 0.3}
 
 
 # -- any transformers folder (tiny random models) ----------------------------------------------
 
 
-def _tiny_model(folder: Path, *, problem_type: str | None, labels: list[str]) -> Path:
-    import transformers
-    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
-
-    config_cls: Any = MobileNetV2Config
-    config = config_cls(
-        depth_multiplier=0.35,
-        image_size=64,
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        problem_type=problem_type,
-    )
-    model: Any = MobileNetV2ForImageClassification(config)
-    model.save_pretrained(folder)
-    processor_cls = getattr(transformers, "MobileNetV2ImageProcessorPil", None)
-    processor_cls = processor_cls or transformers.MobileNetV2ImageProcessor
-    processor_cls(
-        size={"shortest_edge": 72}, crop_size={"height": 64, "width": 64}
-    ).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("problem_type", [None, "multi_label_classification"])
 def test_other_model_folders(tmp_path: Path, problem_type: str | None) -> None:
     labels = ["red", "green", "blue", "cyan"]
-    folder = _tiny_model(tmp_path / "tiny-colours", problem_type=problem_type, labels=labels)
-    spec = ClassifySpec(str(folder))
-    assert spec.model_id == "tiny-colours"
-    assert spec.validate_options({}) == {"top_k": 4}
-    analyzer = spec.create_analyzer()
-    assert analyzer.decode_hint == DecodeHint(min_short_side=72)
-    analyzer.load()
+    folder = tiny_mobilenet(tmp_path / "tiny-colours", problem_type=problem_type, labels=labels)
+    analyzer = ImageClassification(str(folder), name="colours")
+    assert analyzer.model.id == "tiny-colours"
+    assert validate_options(analyzer, {}) == {"top_k": 4}
+    assert analyzer.decode == DecodeHint(min_short_side=72)
+    analyzer.setup("cpu")
     assert analyzer.labels == labels
     images = [Image.new("RGB", (100, 80), colour) for colour in ("red", "green", "blue")]
-    batch = [analyzer.preprocess(image, {}) for image in images]
+    batch = [analyzer.preprocess(view(image), opts(analyzer)) for image in images]
     assert batch[0].shape == (3, 64, 64)
     outputs = analyzer.predict(batch)
     assert len(outputs) == 3
@@ -355,10 +348,10 @@ def test_other_model_folders(tmp_path: Path, problem_type: str | None) -> None:
         import torch
 
         with torch.inference_mode():
-            logits = analyzer._net(pixel_values=torch.stack(batch)).logits
+            logits = analyzer.net(pixel_values=torch.stack(batch)).logits
         np.testing.assert_allclose(np.stack(outputs), torch.sigmoid(logits).numpy(), atol=1e-6)
         assert not np.allclose(np.stack(outputs).sum(axis=1), 1.0)
-    encoded = analyzer.encode(outputs[0], spec.validate_options({"top_k": 2}))
+    encoded = analyzer.encode(outputs[0], view(images[0]), opts(analyzer, top_k=2))
     assert len(encoded["labels"]) == 2
     assert {item["label"] for item in encoded["labels"]} <= set(labels)
 
@@ -369,12 +362,31 @@ def test_weights_replaced_in_a_folder_get_a_new_revision(tmp_path: Path) -> None
     (folder / "config.json").write_text("{}", encoding="utf-8")
     weights = folder / "model.safetensors"
     weights.write_bytes(b"v1" * 100)
-    before = ClassifySpec(str(folder)).model_revision
-    assert ClassifySpec(str(folder)).model_revision == before  # stable while nothing changes
+    before = ImageClassification(str(folder)).model.revision
+    assert ImageClassification(str(folder)).model.revision == before  # stable
     weights.write_bytes(b"v2" * 100)  # retrained in place: same name, same size
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
-    after = ClassifySpec(str(folder)).model_revision
+    after = ImageClassification(str(folder)).model.revision
     assert after != before
-    assert ClassifySpec(str(folder)).model_id == "birds"  # results still name it the same
-    assert ClassifySpec().model_revision == ""  # the bundled weights are pinned
-    assert ClassifySpec("acme/vit-birds").model_revision == ""
+    assert ImageClassification(str(folder)).model.id == "birds"  # results name it the same
+    assert ImageClassification().model.revision == ""  # the bundled weights are pinned
+    assert ImageClassification("acme/vit-birds").model.revision == ""
+
+
+def test_a_tiny_vit_folder_classifies_through_the_processor(tmp_path: Path) -> None:
+    """A ViT (no fast path: its processor resizes to a fixed square) end to end: decode size
+    from its processor, batched predict equal to one by one, probabilities over its labels."""
+    folder = tiny_vit(tmp_path / "tiny-vit", labels=["cat", "dog", "bird"])
+    task = ImageClassification(str(folder), name="pets")
+    assert task.decode == DecodeHint(min_short_side=32)
+    task.setup("cpu")
+    assert task._fast is None
+    images = [Image.new("RGB", (90, 60), colour) for colour in ("red", "navy")]
+    items = [task.preprocess(view(image), opts(task)) for image in images]
+    assert items[0].shape == (3, 32, 32)
+    batched = task.predict(items)
+    for item, output in zip(items, batched, strict=True):
+        np.testing.assert_allclose(task.predict([item])[0], output, atol=1e-5)
+    result = task.encode(batched[0], view(images[0]), opts(task))
+    assert {x["label"] for x in result["labels"]} == {"cat", "dog", "bird"}
+    assert sum(x["score"] for x in result["labels"]) == pytest.approx(1.0, abs=1e-4)

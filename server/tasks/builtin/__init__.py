@@ -1,0 +1,14 @@
+"""The tasks a server offers without a tasks file."""
+
+from __future__ import annotations
+
+from server.tasks.builtin.colors import Colors
+from server.tasks.contract import Task
+from server.tasks.hf import ImageClassification
+
+
+def builtin_tasks(classify_model: str | None = None) -> list[Task]:
+    """Fresh instances of the built-in tasks, the default task (``classify``) first.
+    ``classify_model``: a classifier folder replacing the bundled MobileNetV2 (``--model``)."""
+    classify = ImageClassification(classify_model, name="classify")
+    return [classify, Colors()]
