@@ -49,6 +49,7 @@ from server.runtime.pixels import PixelCache, attach_possible
 from server.storage import keys
 from server.storage.base import ImageRef
 from server.tasks.contract import Task
+from server.tuning import tune_worker_malloc
 
 log = logging.getLogger("pixelstream.stream_worker")
 
@@ -232,6 +233,7 @@ def ensure_group_sync(redis: redis_sync.Redis) -> None:
 def stream_worker_main(config: StreamWorkerConfig) -> None:
     """Process entry point (``pixelstream worker`` spawns one per ``--workers``)."""
     configure_from_environment("stream-worker")  # --log-format, via the environment
+    tune_worker_malloc()  # before the models load: see server.tuning
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(max(1, config.torch_threads))
     from PIL import Image

@@ -41,6 +41,7 @@ from server.runtime import tiling
 from server.runtime.pixels import PixelCache, decode_full
 from server.tasks.contract import Task, View, parse_options
 from server.tasks.registry import resolve_device
+from server.tuning import tune_worker_malloc
 
 log = logging.getLogger("pixelstream.worker")
 
@@ -79,6 +80,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     # Ctrl-C goes to the whole process group; the gateway decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_from_environment("worker")  # the gateway's --log-format (text or JSON lines)
+    tune_worker_malloc()  # before the models load: see server.tuning
     # Read by torch (and numpy's BLAS) when first imported, which happens in load().
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(max(1, config.torch_threads))
