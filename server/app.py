@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from server import http_api, ws
 from server.analysis import AnalysisService
 from server.auth import TokenAuth
 from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
@@ -29,7 +28,6 @@ from server.pipeline.redis_queue import RedisJobQueue
 from server.pipeline.spool import Spool
 from server.pipeline.stream_worker import LocalStreamWorkers, StreamWorkerConfig
 from server.pipeline.worker import WorkerConfig
-from server.session import expire_idle_uploads
 from server.settings import Settings
 from server.state import AppState
 from server.storage.base import JobQueue, RateLimiter, ResultCache, UploadStore
@@ -44,17 +42,16 @@ from server.storage.redis import connect as connect_redis
 from server.tasks import routes as task_routes
 from server.tasks.contract import Task
 from server.tasks.registry import Registry, load_registry
+from server.transports import http, ws
 
 log = logging.getLogger("pixelstream")
 
 HTTP_REQUESTS_PER_SECOND = 20.0
 HTTP_BURST = 40
 
-
 def registry_for(settings: Settings) -> Registry:
     """The tasks ``settings`` offer: the built-ins, installed tasks and the tasks file."""
     return load_registry(settings.tasks, classify_model=settings.model)
-
 
 def torch_threads(settings: Settings) -> int:
     """Threads per worker: the cores left after one for the gateway, shared among workers.
@@ -66,16 +63,13 @@ def torch_threads(settings: Settings) -> int:
         return settings.torch_threads
     return max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.workers))
 
-
 def _needs_prepare(tasks: Sequence[Task]) -> list[Task]:
     return [task for task in tasks if type(task).prepare is not Task.prepare]
-
 
 def prepare_tasks(tasks: Sequence[Task]) -> None:
     """Run each task's :meth:`~server.tasks.contract.Task.prepare` (here, in this process)."""
     for task in tasks:
         task.prepare()
-
 
 async def _prepare_tasks(tasks: Sequence[Task]) -> None:
     """Each task's ``prepare`` once, before the workers start, rather than racing in every
@@ -89,15 +83,12 @@ async def _prepare_tasks(tasks: Sequence[Task]) -> None:
         await asyncio.get_running_loop().run_in_executor(executor, prepare_tasks, preparing)
     log.info("tasks prepared: %s", ", ".join(task.name for task in preparing))
 
-
 def worker_devices(registry: Registry) -> dict[str, str]:
     """Tasks whose device differs from the server's ``--device`` (tasks file)."""
     return {entry.task.name: entry.serving.device for entry in registry.entries
             if entry.serving.device is not None}
 
-
 Backends = tuple[UploadStore, ResultCache, JobQueue, RateLimiter]
-
 
 def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
                        stack: contextlib.AsyncExitStack) -> Backends:
@@ -119,7 +110,6 @@ def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
     )
     return store, LruResultCache(settings.cache_entries), pool, MemoryRateLimiter()
 
-
 async def _shared_backends(settings: Settings, registry: Registry, metrics: Metrics,
                            stack: contextlib.AsyncExitStack) -> Backends:
     """Redis for uploads, results, jobs and budgets: gateways and workers on many machines."""
@@ -135,7 +125,6 @@ async def _shared_backends(settings: Settings, registry: Registry, metrics: Metr
     stack.push_async_callback(workers.stop)
     return store, cache, queue, RedisRateLimiter(redis)
 
-
 def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorkerConfig:
     assert settings.redis_url is not None
     return StreamWorkerConfig(
@@ -146,16 +135,14 @@ def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorker
         claim_idle_ms=settings.claim_idle_ms,
     )
 
-
 async def _sweep(state: AppState) -> None:
     interval = min(30.0, max(0.05, state.settings.upload_idle_timeout_s / 4))
     while True:
         await asyncio.sleep(interval)
         try:
-            await expire_idle_uploads(state)
+            await state.uploads.expire_idle()
         except Exception:
             log.exception("expiring idle uploads failed")
-
 
 async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> None:
     flat = [t for item in tasks for t in (item if isinstance(item, set) else {item})]
@@ -164,12 +151,10 @@ async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> N
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*flat, return_exceptions=True)
 
-
 def client_share(settings: Settings) -> int:
     """The most of the memory budget one client's uploads may hold: a quarter, or one largest
     upload if that is more."""
     return max(settings.memory_budget_bytes // 4, settings.max_image_bytes)
-
 
 def create_app(
     settings: Settings | None = None,
@@ -257,7 +242,7 @@ def create_app(
     )
     app.state.auth = auth
     app.state.settings = settings
-    app.add_middleware(http_api.RequestIds)
+    app.add_middleware(http.RequestIds)
     if settings.allowed_origins:
         # CORS for the HTTP routes from the socket's allow-list. Without a list only the
         # server's own origin may use them (no CORS headers needed, none sent).
@@ -272,7 +257,7 @@ def create_app(
         )
     ws.quiet_refusals()
     app.include_router(ws.router)
-    app.include_router(http_api.router)
+    app.include_router(http.router)
     app.include_router(task_routes.router)
     # The demo page's assets; static/client links to client_js/src, so the page loads the
     # very files of the browser library (symlinks inside the folder are followed).
