@@ -31,6 +31,7 @@ from server.pipeline.worker import WorkerConfig
 from server.settings import Settings
 from server.state import AppState
 from server.storage.base import JobQueue, RateLimiter, ResultCache, UploadStore
+from server.storage.locks import RedisLocker
 from server.storage.memory import LruResultCache, MemoryRateLimiter, MemoryUploadStore
 from server.storage.redis import (
     RedisRateLimiter,
@@ -42,7 +43,7 @@ from server.storage.redis import connect as connect_redis
 from server.tasks import routes as task_routes
 from server.tasks.contract import Task
 from server.tasks.registry import Registry, load_registry
-from server.transports import http, ws
+from server.transports import http, tus, ws
 
 log = logging.getLogger("pixelstream")
 
@@ -203,6 +204,10 @@ def create_app(
                                     on_change=metrics.memory_changed),
                 uploads_in_memory=not settings.redis_url,
             )
+            if settings.redis_url:
+                lock_redis = connect_redis(settings.redis_url)
+                stack.push_async_callback(lock_redis.aclose)
+                state.upload_locker = RedisLocker(lock_redis)
             app.state.pixelstream = state
             stopped = False
 
@@ -249,15 +254,16 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["Retry-After", "X-Request-ID"],
+            allow_methods=["GET", "POST", "HEAD", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=[h.strip() for h in tus.TUS_REQUEST_HEADERS.split(",")],
+            expose_headers=[h.strip() for h in tus.TUS_EXPOSED_HEADERS.split(",")],
             allow_credentials=False,
             max_age=600,
         )
     ws.quiet_refusals()
     app.include_router(ws.router)
     app.include_router(http.router)
+    app.include_router(tus.router)
     app.include_router(task_routes.router)
     # The demo page's assets; static/client links to client_js/src, so the page loads the
     # very files of the browser library (symlinks inside the folder are followed).

@@ -12,6 +12,7 @@ from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
 from server.metrics import Metrics
 from server.settings import Settings
 from server.storage.base import UploadStore
+from server.storage.locks import MemoryLocker, UploadLocker
 from server.uploads import LiveUpload, UploadService
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ class AppState:
     """The open sockets' connections."""
     stopping: bool = False
     """Set at shutdown: with a shared queue, analyses are then handed back, not ended."""
+    upload_locker: UploadLocker = field(default_factory=MemoryLocker)
+    """One writer per upload at a time (Redis-backed when gateways share Redis)."""
     uploads: UploadService = field(init=False)
     """The one upload service every transport goes through."""
 

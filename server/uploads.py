@@ -25,6 +25,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,6 +57,9 @@ _STAGE_EVENTS = {
     Stage.DECODING: UploadEvent.DECODING,
     Stage.INFERENCE: UploadEvent.INFERENCE,
 }
+
+ENDED_REMEMBERED = 10_000
+"""How many ended uploads' tokens are remembered (see :attr:`UploadService.ended`)."""
 
 ARRIVAL_STEP = 1 << 20
 """Bytes between reports to a worker decoding an upload ahead (one message per MiB)."""
@@ -133,7 +137,11 @@ class LiveUpload:
     """The job id a worker decodes this upload ahead for, while its bytes arrive."""
     ahead_reported: int = 0
     """The byte count last reported to that worker."""
+    history: list[tuple[int, Progress | Result | Error]] = field(default_factory=list)
+    """What was delivered, numbered, for watchers that follow it (server-sent events): every
+    stage and the outcome, with consecutive ``upload`` progress folded into the latest."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _numbered: int = 0
 
     @property
     def received(self) -> int:
@@ -149,6 +157,19 @@ class LiveUpload:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    def record(self, message: Progress | Result | Error) -> None:
+        """Add ``message`` to :attr:`history` and wake the watchers."""
+        self._numbered += 1
+        history = self.history
+        folds = (isinstance(message, Progress) and message.stage is Stage.UPLOAD and history
+                 and isinstance(history[-1][1], Progress)
+                 and history[-1][1].stage is Stage.UPLOAD)
+        if folds:
+            history[-1] = (self._numbered, message)
+        else:
+            history.append((self._numbered, message))
+        self.notify()
+
 
 class UploadService:
     """The registry of live uploads and everything that happens to them (see the module)."""
@@ -158,13 +179,17 @@ class UploadService:
         self.clock = clock
         self.live: dict[str, LiveUpload] = {}
         """This process's live uploads by token."""
+        self.ended: OrderedDict[str, None] = OrderedDict()
+        """Tokens of uploads that ended here lately (an HTTP client is told 410, not 404)."""
 
     # Creation and resumption ----------------------------------------------------------------
 
     async def create(self, request: UploadRequest, caller: Caller, owner: UploadOwner | None,
-                     store_owner: str) -> LiveUpload | CachedResult:
+                     store_owner: str, *, answer_from_cache: bool = True
+                     ) -> LiveUpload | CachedResult:
         """Check the task, capacity, the client's rate and the memory budget, then store a new
-        empty upload (or answer from the cache when the declared checksum is known)."""
+        empty upload; or, with ``answer_from_cache``, answer from the cache when the declared
+        checksum is known (a client that cannot skip its bytes passes False)."""
         app = self.app
         service = app.service
         spec, options = service.resolve(request.task, request.options)
@@ -174,7 +199,7 @@ class UploadService:
             upload_id=request.upload_id, size=request.size, task=spec.name, options=options,
             sha256=request.sha256, name=request.name, principal=caller.principal,
         )
-        if request.sha256 is not None:
+        if request.sha256 is not None and answer_from_cache:
             key = service.cache_key(request.sha256, spec, options, caller.principal)
             payload = await service.lookup(key)
             if payload is not None:
@@ -346,6 +371,9 @@ class UploadService:
             del self.live[live.token]
             self.app.spawn(self.app.store.discard(live.token, live.store_owner), "discard-upload")
         live.ended = True
+        self.ended[live.token] = None
+        if len(self.ended) > ENDED_REMEMBERED:
+            self.ended.popitem(last=False)
         owner = live.owner
         if owner is not None:
             owner.drop(live.upload_id, live)
@@ -357,7 +385,7 @@ class UploadService:
         """Send a message about ``live`` to its current owner, under the owner's id for it."""
         if isinstance(message, Progress):
             live.last_stage = message
-            live.notify()
+        live.record(replace(message, id=live.upload_id))
         if live.owner is not None:
             live.owner.deliver(replace(message, id=live.upload_id))
 
@@ -366,7 +394,7 @@ class UploadService:
         if live.owner is None:
             live.undelivered = message
             live.detached_at = self.clock()  # it waits as long from now on
-            live.notify()
+            live.record(replace(message, id=live.upload_id))
             return
         if isinstance(message, Error):
             self.app.metrics.errors.labels(message.code.value).inc()
