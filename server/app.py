@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -44,33 +43,35 @@ from server.tasks import routes as task_routes
 from server.tasks.contract import Task
 from server.tasks.registry import Registry, load_registry
 from server.transports import http, tus, ws
+from server.tuning import threads_for, usable_cores
 
 log = logging.getLogger("pixelstream")
 
 HTTP_REQUESTS_PER_SECOND = 20.0
 HTTP_BURST = 40
 
+
 def registry_for(settings: Settings) -> Registry:
     """The tasks ``settings`` offer: the built-ins, installed tasks and the tasks file."""
     return load_registry(settings.tasks, classify_model=settings.model)
 
-def torch_threads(settings: Settings) -> int:
-    """Threads per worker: the cores left after one for the gateway, shared among workers.
 
-    Oversubscribed cores are far worse than idle ones for torch: its threads spin waiting
-    for each other, and an 11 ms inference becomes a second when the gateway competes.
-    """
+def torch_threads(settings: Settings) -> int:
+    """Threads per worker: as set, else :func:`server.tuning.threads_for` this machine."""
     if settings.torch_threads > 0:
         return settings.torch_threads
-    return max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.workers))
+    return threads_for(usable_cores(), settings.workers)
+
 
 def _needs_prepare(tasks: Sequence[Task]) -> list[Task]:
     return [task for task in tasks if type(task).prepare is not Task.prepare]
+
 
 def prepare_tasks(tasks: Sequence[Task]) -> None:
     """Run each task's :meth:`~server.tasks.contract.Task.prepare` (here, in this process)."""
     for task in tasks:
         task.prepare()
+
 
 async def _prepare_tasks(tasks: Sequence[Task]) -> None:
     """Each task's ``prepare`` once, before the workers start, rather than racing in every
@@ -84,12 +85,15 @@ async def _prepare_tasks(tasks: Sequence[Task]) -> None:
         await asyncio.get_running_loop().run_in_executor(executor, prepare_tasks, preparing)
     log.info("tasks prepared: %s", ", ".join(task.name for task in preparing))
 
+
 def worker_devices(registry: Registry) -> dict[str, str]:
     """Tasks whose device differs from the server's ``--device`` (tasks file)."""
     return {entry.task.name: entry.serving.device for entry in registry.entries
             if entry.serving.device is not None}
 
+
 Backends = tuple[UploadStore, ResultCache, JobQueue, RateLimiter]
+
 
 def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
                        stack: contextlib.AsyncExitStack) -> Backends:
@@ -111,6 +115,7 @@ def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
     )
     return store, LruResultCache(settings.cache_entries), pool, MemoryRateLimiter()
 
+
 async def _shared_backends(settings: Settings, registry: Registry, metrics: Metrics,
                            stack: contextlib.AsyncExitStack) -> Backends:
     """Redis for uploads, results, jobs and budgets: gateways and workers on many machines."""
@@ -126,6 +131,7 @@ async def _shared_backends(settings: Settings, registry: Registry, metrics: Metr
     stack.push_async_callback(workers.stop)
     return store, cache, queue, RedisRateLimiter(redis)
 
+
 def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorkerConfig:
     assert settings.redis_url is not None
     return StreamWorkerConfig(
@@ -136,6 +142,7 @@ def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorker
         claim_idle_ms=settings.claim_idle_ms,
     )
 
+
 async def _sweep(state: AppState) -> None:
     interval = min(30.0, max(0.05, state.settings.upload_idle_timeout_s / 4))
     while True:
@@ -145,6 +152,7 @@ async def _sweep(state: AppState) -> None:
         except Exception:
             log.exception("expiring idle uploads failed")
 
+
 async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> None:
     flat = [t for item in tasks for t in (item if isinstance(item, set) else {item})]
     for task in flat:
@@ -152,10 +160,12 @@ async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> N
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*flat, return_exceptions=True)
 
+
 def client_share(settings: Settings) -> int:
     """The most of the memory budget one client's uploads may hold: a quarter, or one largest
     upload if that is more."""
     return max(settings.memory_budget_bytes // 4, settings.max_image_bytes)
+
 
 def create_app(
     settings: Settings | None = None,

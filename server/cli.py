@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -28,7 +30,8 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         kind = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})"
+        default = "from the machine" if f.default is MISSING else repr(f.default)
+        help_text = f"(env {ENV_PREFIX}{f.name.upper()}; default {default})"
         if kind in (int, float, str):
             parser.add_argument(flag, type=kind, default=None, help=help_text)
         elif kind == str | None:
@@ -106,14 +109,24 @@ def checked_registry(settings: Settings) -> Registry:
     return registry
 
 
+def explicit_settings(args: argparse.Namespace) -> set[str]:
+    """The settings given by a flag or a ``PIXELSTREAM_*`` variable (the rest are defaults)."""
+    return {f.name for f in fields(Settings)
+            if getattr(args, f.name, None) is not None or ENV_PREFIX + f.name.upper() in os.environ}
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.tuning import inference_summary
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format, settings.api_tokens)
+    if settings.workers:
+        logging.getLogger("pixelstream").info(
+            "%s", inference_summary(settings, explicit_settings(args)))
     registry = checked_registry(settings)  # before listening: a bad task stops here
     uvicorn.run(create_app(settings, tasks=registry), **uvicorn_config(settings))
     return 0
@@ -124,6 +137,7 @@ def run_workers(args: argparse.Namespace) -> int:
     serve the tasks ``serve`` does (the same --tasks file)."""
     from server.app import _needs_prepare, prepare_tasks, stream_worker_config
     from server.pipeline.stream_worker import supervise
+    from server.tuning import inference_summary
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
@@ -132,6 +146,8 @@ def run_workers(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger("pixelstream").info(
+        "%s", inference_summary(settings, explicit_settings(args)))
     registry = checked_registry(settings)
     prepare_tasks(_needs_prepare([entry.task for entry in registry.entries]))
     return supervise(stream_worker_config(settings, registry), max(1, settings.workers))

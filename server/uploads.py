@@ -41,7 +41,7 @@ from chunking.reassembler import (
     UploadEvent,
     UploadState,
 )
-from server.analysis import upload_job_id
+from server.analysis import StageCallback, upload_job_id
 from server.logs import bind_log_context
 from server.storage.base import FinishedUpload, ImageRef, UploadHandle, UploadMeta
 from server.storage.memory import new_resume_token
@@ -404,7 +404,7 @@ class UploadService:
 
     async def analyze(
         self, task: Task, options: dict[str, Any], image: ImageRef, sha256: str,
-        principal: str | None, on_stage: Callable[[Stage, int | None], None] | None = None,
+        principal: str | None, on_stage: StageCallback | None = None,
         *, job_id: str | None = None,
     ) -> tuple[dict[str, Any], bool, dict[str, float]]:
         """The cache, else a job in the queue: (payload, cached, timings_ms)."""
@@ -459,15 +459,20 @@ class UploadService:
         except Exception as exc:
             self._deliver_failure(live, exc)
 
-    def _stage_reporter(self, live: LiveUpload) -> Callable[[Stage, int | None], None]:
-        def on_stage(stage: Stage, position: int | None) -> None:
+    def _stage_reporter(self, live: LiveUpload) -> StageCallback:
+        def on_stage(stage: Stage, position: int | None,
+                     counts: tuple[int, int] | None = None) -> None:
             queue_moved = stage is Stage.QUEUED and live.lifecycle.state is UploadState.QUEUED
-            if not queue_moved:
+            tiles_done = (stage is Stage.INFERENCE and counts is not None
+                          and live.lifecycle.state is UploadState.INFERENCE)
+            if not queue_moved and not tiles_done:
                 event = _STAGE_EVENTS[stage]
                 if not live.lifecycle.allows(event):
                     return  # never reordered: a stage from a retried job is not news
                 live.lifecycle.advance(event)
-            self.deliver(live, Progress(id=live.upload_id, stage=stage, position=position))
+            done, total = counts if counts is not None else (None, None)
+            self.deliver(live, Progress(id=live.upload_id, stage=stage, position=position,
+                                        done=done, total=total))
 
         return on_stage
 
