@@ -3,6 +3,7 @@
 ``pixelstream serve`` runs the service on embedded defaults; every setting is a flag
 (``--max-chunk-bytes``) and a variable (``PIXELSTREAM_MAX_CHUNK_BYTES``), flags winning.
 ``pixelstream model prepare`` builds the bundled model's folder ahead of time.
+``pixelstream finetune DATA_DIR --out MODEL_DIR`` trains a classifier on labelled images.
 ``pixelstream upload``, ``camera`` and ``analyze`` are the client's (:mod:`chunking.cli`).
 """
 
@@ -61,8 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_commands.add_parser("prepare", help="build the default model folder")
     prepare.add_argument("--dir", type=Path, default=None, help="target folder")
     prepare.add_argument("--force", action="store_true", help="rebuild even if present")
+    _finetune_parser(commands)
     add_client_commands(commands)
     return parser
+
+
+def _finetune_parser(commands: Any) -> None:
+    from server.finetune.train import DEFAULT_MODE, MODE_DEFAULTS, MODES
+
+    finetune = commands.add_parser(
+        "finetune", help="train an image classifier on a folder of labelled images",
+        description="Fine-tune an image classifier on DATA_DIR/<label>/*.jpg|png and save a "
+                    "model folder that `pixelstream serve --model OUT` serves.")
+    finetune.add_argument("data_dir", type=Path, metavar="DATA_DIR",
+                          help="one sub-folder of images per class")
+    finetune.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR",
+                          help="where the model (and checkpoints, metrics.json) go")
+    finetune.add_argument("--base", default="default", metavar="default|FOLDER",
+                          help="the model to start from: the bundled one, or an "
+                               "image-classification folder (default: default)")
+    finetune.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                          help="head: train a new head on cached backbone features; full: "
+                               f"train every weight (default: {DEFAULT_MODE})")
+    defaults = ", ".join(f"{mode} {d.epochs}" for mode, d in MODE_DEFAULTS.items())
+    finetune.add_argument("--epochs", type=int, default=None, help=f"default: {defaults}")
+    finetune.add_argument("--val-split", type=float, default=0.2,
+                          help="share of each class held out for validation (default: 0.2)")
+    defaults = ", ".join(f"{mode} {d.learning_rate:g}" for mode, d in MODE_DEFAULTS.items())
+    finetune.add_argument("--lr", type=float, default=None, help=f"default: {defaults}")
+    defaults = ", ".join(f"{mode} {d.batch_size}" for mode, d in MODE_DEFAULTS.items())
+    finetune.add_argument("--batch-size", type=int, default=None, help=f"default: {defaults}")
+    finetune.add_argument("--seed", type=int, default=0, help="default: 0")
+    finetune.add_argument("--resume", action="store_true",
+                          help="continue from the last checkpoint in MODEL_DIR/checkpoints")
+    finetune.add_argument("--name", default=None,
+                          help="the model id results report (default: MODEL_DIR's name)")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 H11_MAX_HEAD_BYTES = 64 * 1024
@@ -165,6 +200,24 @@ def prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    from server.finetune.data import DataError
+    from server.finetune.model import ModelError
+    from server.finetune.train import FinetuneConfig, FinetuneError, finetune
+
+    config = FinetuneConfig(
+        data_dir=args.data_dir, out=args.out, base=args.base, mode=args.mode,
+        epochs=args.epochs, val_split=args.val_split, learning_rate=args.lr,
+        batch_size=args.batch_size, seed=args.seed, resume=args.resume, name=args.name,
+        progress=not args.no_progress)
+    try:
+        finetune(config)
+    except (DataError, ModelError, FinetuneError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -176,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_client_command(args)
         if args.command == "worker":
             return run_workers(args)
+        if args.command == "finetune":
+            return run_finetune(args)
     except ValueError as exc:  # a setting that does not parse or fit, a bad tasks file
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -44,13 +44,13 @@ def tus_endpoint(url: str) -> str:
     return http_base_url(url) + TUS_PATH
 
 
-async def tus_available(url: str, timeout: float) -> bool:
+async def tus_available(url: str, connect_timeout: float) -> bool:
     """Whether the server behind ``url`` answers tus discovery (``OPTIONS /v1/tus/``): where
     its socket could not be opened, tells a blocked WebSocket from a wrong address."""
     import httpx
 
     try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=connect_timeout) as http:
             response = await http.options(tus_endpoint(url))
     except httpx.HTTPError:
         return False
