@@ -54,7 +54,8 @@ async def tus_available(url: str, connect_timeout: float) -> bool:
             response = await http.options(tus_endpoint(url))
     except httpx.HTTPError:
         return False
-    return response.headers.get("tus-version", "").split(",")[0].strip() == TUS_VERSION
+    versions = str(response.headers.get("tus-version", ""))
+    return TUS_VERSION in (v.strip() for v in versions.split(","))
 
 
 def _metadata(values: Mapping[str, str | None]) -> str:
