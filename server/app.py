@@ -17,8 +17,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from server import docs, exposure
 from server.analysis import AnalysisService
-from server.auth import TokenAuth
+from server.auth import HostPolicy, TokenAuth
 from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
 from server.logs import install_redaction
 from server.metrics import Metrics
@@ -269,6 +270,8 @@ def create_app(
         title="pixelstream",
         summary="AI image understanding over WebSockets",
         lifespan=lifespan,
+        docs_url=None,  # served by server.docs, from local files rather than a CDN
+        redoc_url=None,
     )
     app.state.auth = auth
     app.state.settings = settings
@@ -285,7 +288,12 @@ def create_app(
             allow_credentials=False,
             max_age=600,
         )
-    ws.quiet_refusals()
+    # Outermost: a request from a name or origin the server does not serve goes no further.
+    app.add_middleware(exposure.ExposureGuard,
+                       hosts=HostPolicy(settings.host, settings.allowed_hosts),
+                       allowed_origins=settings.allowed_origins)
+    exposure.quiet_refusals()
+    app.include_router(docs.router)
     app.include_router(ws.router)
     app.include_router(http.router)
     app.include_router(tus.router)
