@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -18,9 +17,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from server import http_api, ws
+from server import docs, exposure, http_api, ws
 from server.analysis import AnalysisService
-from server.auth import TokenAuth
+from server.auth import HostPolicy, TokenAuth
 from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
 from server.logs import install_redaction
 from server.metrics import Metrics
@@ -29,6 +28,7 @@ from server.pipeline.redis_queue import RedisJobQueue
 from server.pipeline.spool import Spool
 from server.pipeline.stream_worker import LocalStreamWorkers, StreamWorkerConfig
 from server.pipeline.worker import WorkerConfig
+from server.runtime.batching import BatchLimits
 from server.session import expire_idle_uploads
 from server.settings import Settings
 from server.state import AppState
@@ -44,6 +44,7 @@ from server.storage.redis import connect as connect_redis
 from server.tasks import routes as task_routes
 from server.tasks.contract import Task
 from server.tasks.registry import Registry, load_registry
+from server.tuning import threads_for, usable_cores
 
 log = logging.getLogger("pixelstream")
 
@@ -57,14 +58,10 @@ def registry_for(settings: Settings) -> Registry:
 
 
 def torch_threads(settings: Settings) -> int:
-    """Threads per worker: the cores left after one for the gateway, shared among workers.
-
-    Oversubscribed cores are far worse than idle ones for torch: its threads spin waiting
-    for each other, and an 11 ms inference becomes a second when the gateway competes.
-    """
+    """Threads per worker: as set, else :func:`server.tuning.threads_for` this machine."""
     if settings.torch_threads > 0:
         return settings.torch_threads
-    return max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.workers))
+    return threads_for(usable_cores(), settings.workers)
 
 
 def _needs_prepare(tasks: Sequence[Task]) -> list[Task]:
@@ -116,6 +113,7 @@ def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
         max_queue=settings.max_queue,
         metrics=metrics,
         job_timeout_s=settings.job_timeout_s or None,
+        per_task=batch_limits(settings, registry),
     )
     return store, LruResultCache(settings.cache_entries), pool, MemoryRateLimiter()
 
@@ -143,8 +141,21 @@ def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorker
         torch_threads=torch_threads(settings), device=settings.device,
         devices=worker_devices(registry),
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-        claim_idle_ms=settings.claim_idle_ms,
+        claim_idle_ms=settings.claim_idle_ms, per_task=batch_limits(settings, registry),
     )
+
+
+def batch_limits(settings: Settings, registry: Registry) -> dict[str, BatchLimits]:
+    """The batch limits of tasks whose tasks-file entry sets its own."""
+    limits: dict[str, BatchLimits] = {}
+    for entry in registry.entries:
+        serving = entry.serving
+        if serving.max_batch_size is None and serving.max_wait_ms is None:
+            continue
+        wait_ms = settings.max_wait_ms if serving.max_wait_ms is None else serving.max_wait_ms
+        limits[entry.task.name] = BatchLimits(serving.max_batch_size or settings.max_batch_size,
+                                              wait_ms / 1000)
+    return limits
 
 
 async def _sweep(state: AppState) -> None:
@@ -254,6 +265,8 @@ def create_app(
         title="pixelstream",
         summary="AI image understanding over WebSockets",
         lifespan=lifespan,
+        docs_url=None,  # served by server.docs, from local files rather than a CDN
+        redoc_url=None,
     )
     app.state.auth = auth
     app.state.settings = settings
@@ -270,7 +283,12 @@ def create_app(
             allow_credentials=False,
             max_age=600,
         )
-    ws.quiet_refusals()
+    # Outermost: a request from a name or origin the server does not serve goes no further.
+    app.add_middleware(exposure.ExposureGuard,
+                       hosts=HostPolicy(settings.host, settings.allowed_hosts),
+                       allowed_origins=settings.allowed_origins)
+    exposure.quiet_refusals()
+    app.include_router(docs.router)
     app.include_router(ws.router)
     app.include_router(http_api.router)
     app.include_router(task_routes.router)

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import MutableMapping
-from contextvars import ContextVar
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -25,6 +24,7 @@ from starlette.websockets import WebSocketDisconnect
 from chunking.errors import ErrorCode, ProtocolError
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS
+from server.exposure import HANDSHAKE_REFUSED
 from server.logs import bind_log_context
 from server.session import Outbox, Session
 from server.state import AppState
@@ -38,28 +38,6 @@ still have something to send. (1008, policy violation, means "do not retry" to o
 CLOSE_TIMEOUT_S = 5.0
 """How long the close frame may wait to be written to a peer that does not read."""
 
-_refused: ContextVar[bool] = ContextVar("pixelstream_handshake_refused", default=False)
-"""Set in the handshake's own task when it is refused with an HTTP answer."""
-
-UVICORN_NO_HANDSHAKE = "ASGI callable returned without completing handshake"
-
-
-class RefusalNoise(logging.Filter):
-    """uvicorn 0.54 logs ``ERROR ASGI callable returned without completing handshake`` after
-    every handshake refused with an HTTP answer (its denial-response path never marks the
-    handshake done), and it is logged in that handshake's task. This drops the record there
-    only: an app that really returned without answering is still logged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (_refused.get() and record.getMessage().startswith(UVICORN_NO_HANDSHAKE))
-
-
-def quiet_refusals() -> None:
-    """Install :class:`RefusalNoise` on uvicorn's error logger (once per process)."""
-    logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, RefusalNoise) for f in logger.filters):
-        logger.addFilter(RefusalNoise())
-
 
 async def _refuse(websocket: WebSocket, code: ErrorCode, message: str,
                   reason: str | None = None) -> None:
@@ -70,7 +48,7 @@ async def _refuse(websocket: WebSocket, code: ErrorCode, message: str,
     if state is not None:
         state.metrics.handshake_refusals.labels(reason or code.value).inc()
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        _refused.set(True)
+        HANDSHAKE_REFUSED.set(True)
         await websocket.send_denial_response(
             JSONResponse({"code": code.value, "message": message},
                          status_code=HTTP_STATUS[code])

@@ -47,7 +47,8 @@ Use it as::
 
 Callbacks run on the event loop and must not block: ``on_progress(sent, acknowledged,
 total)``, ``on_stage(stage, detail)`` (``upload`` with ``{"offset", "resumed"}`` once
-accepted, then ``queued`` with ``{"position"}``, ``decoding``, ``inference``, and the client's
+accepted, then ``queued`` with ``{"position"}``, ``decoding``, ``inference`` (repeated with
+``{"done", "total"}`` as the tiles of a spatial task finish), and the client's
 own ``hashing`` (before the SHA-256 of the file is computed) and ``retrying`` with
 ``{"attempt", "delay", "error", "code"}``), ``on_result(result)`` and ``on_error(error)``: the
 names and details of the JavaScript client (``client_js``), in snake_case.

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.ws import UVICORN_NO_HANDSHAKE, RefusalNoise
+from server.exposure import UVICORN_NO_HANDSHAKE, RefusalNoise
 from tests.conftest import WAIT_S, RunningServer, connect, unique_image
 from tests.support.raw_ws import OP_CONT, OP_TEXT, RawWebSocket, frame_bytes
 
