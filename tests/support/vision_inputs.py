@@ -125,3 +125,36 @@ def run_task(task: Task, image: Image.Image, options: dict[str, Any] | None = No
     if len(parts) == 1 and views[0].region == (0, 0, *original):
         return parts[0]
     return task.merge(parts, original, parsed)
+
+
+SCAN_LINES = [
+    "Part PX-7731 rev B, qty 40",
+    "Torque 12 Nm on bolts M8",
+    "Inspected by QA team 4",
+    "Drawing 2026-118 sheet 3 of 7",
+    "Weld seam W14 length 320 mm",
+    "Paint RAL 7035 light grey",
+    "Tolerance plus minus 0.2 mm",
+    "Supplier Nordic Steel AB",
+    "Batch 55231 cast on Tuesday",
+    "Do not stack more than 6 high",
+    "Ship to Dock 9, Gate B12",
+    "Net weight 18.5 kg each",
+]
+
+
+def scan(lines: Sequence[str] = SCAN_LINES, size: tuple[int, int] = (4000, 3000),
+         text_px: int = 28) -> tuple[Image.Image, list[Written]]:
+    """A scanned drawing's page: ``lines`` spread over a large white sheet, many of them across
+    the edges of the ``ocr`` task's 1024-px tiles (starts at x 0, 744, 1488, 2232, 2976 and
+    y 0, 659, 1317, 1976 on 4000x3000), each once."""
+    width, height = size
+    image = Image.new("RGB", size, (250, 250, 247))
+    columns = (0.05, 0.42, 0.70)
+    rows = (0.07, 0.23, 0.47, 0.71)
+    written = []
+    for index, line in enumerate(lines):
+        x = round(width * columns[index % len(columns)]) + 37 * (index % 4)
+        y = round(height * rows[(index // len(columns)) % len(rows)]) + 23 * (index % 5)
+        written.append(write(image, line, (x, y), text_px))
+    return image, written
