@@ -2,15 +2,18 @@
 process, with the torch threads a pixelstream worker gets. Run by :mod:`bench.inference` as a
 subprocess (so the benchmark process never imports torch)::
 
-    python -m bench.model_alone IMAGE --threads 1 --batch 8 --seconds 5
+    python -m bench.model_alone IMAGE --threads 1 --batch 8 --seconds 5 [--malloc default]
 
-Prints one JSON object: images per second and per-batch latency percentiles (ms).
+Prints one JSON object: images per second, per-batch latency percentiles (ms), and per image
+the minor page faults and the CPU time (user and system, ms) of the process. ``--malloc
+default`` skips the worker's malloc tuning (:func:`server.tuning.tune_worker_malloc`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -24,7 +27,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
     args = parser.parse_args()
+    if args.malloc == "tuned":  # as worker_main does
+        from server.tuning import tune_worker_malloc
+
+        tune_worker_malloc()
     # As worker_main does: read by torch when first imported.
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(args.threads)
@@ -49,17 +57,23 @@ def main() -> None:
     for _ in range(5):  # warm-up
         one_batch()
     latencies = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     while time.perf_counter() - started < args.seconds:
         begun = time.perf_counter()
         one_batch()
         latencies.append((time.perf_counter() - begun) * 1000)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    images = len(latencies) * args.batch
     latencies.sort()
     sys.stdout.write(orjson.dumps({
-        "images_per_s": len(latencies) * args.batch / elapsed,
+        "images_per_s": images / elapsed,
         "batch_ms_p50": latencies[len(latencies) // 2],
         "batch_ms_min": latencies[0],
+        "page_faults_per_image": (after.ru_minflt - before.ru_minflt) / images,
+        "user_ms_per_image": (after.ru_utime - before.ru_utime) * 1000 / images,
+        "system_ms_per_image": (after.ru_stime - before.ru_stime) * 1000 / images,
     }).decode() + "\n")
 
 

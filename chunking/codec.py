@@ -336,6 +336,7 @@ def _progress(obj: dict[str, Any]) -> Progress:
         received=obj.get("received"),
         total=obj.get("total"),
         position=obj.get("position"),
+        done=obj.get("done"),
     )
 
 

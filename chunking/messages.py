@@ -102,13 +102,15 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """``stage`` upload carries ``received``/``total``; queued carries ``position`` (1 = next)."""
+    """``stage`` upload carries ``received``/``total``; queued carries ``position`` (1 = next);
+    inference over tiles carries ``done``/``total`` (tiles finished, of all)."""
 
     id: str
     stage: Stage
     received: int | None = None
     total: int | None = None
     position: int | None = None
+    done: int | None = None
     type: str = field(default="progress", init=False)
 
 

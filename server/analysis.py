@@ -16,7 +16,7 @@ A payload is the ``result`` message's body without ``id``/``stream``/``seq``/``c
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -24,13 +24,27 @@ import orjson
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.metrics import Metrics
-from server.pipeline.jobs import Dispatched, JobDone, JobFailed, Queued, StageReached, Ticket
+from server.pipeline.jobs import (
+    Dispatched,
+    JobDone,
+    JobFailed,
+    Queued,
+    StageReached,
+    Ticket,
+    TilesPlanned,
+)
+from server.runtime.tiling import run_tiles
 from server.storage.base import ImageRef, JobQueue, ResultCache
 from server.tasks.contract import OptionsError, Task, validate_options
 from server.tasks.registry import Registry
 
-StageCallback = Callable[[Stage, int | None], None]
-"""Called with each stage reached (and the queue position for ``queued``)."""
+
+class StageCallback(Protocol):
+    """Called with each stage reached, the queue position for ``queued``, and for a tiled
+    analysis, ``inference`` again with ``(done, total)`` tiles as they finish."""
+
+    def __call__(self, stage: Stage, position: int | None,
+                 counts: tuple[int, int] | None = None) -> None: ...
 
 
 class AheadDecoder(Protocol):
@@ -181,12 +195,20 @@ class AnalysisService:
                 elif isinstance(event, StageReached):
                     if on_stage is not None:
                         on_stage(event.stage, None)
-                elif isinstance(event, JobDone):
-                    timings.update(event.timings_ms)
+                elif isinstance(event, (JobDone, TilesPlanned)):
+                    if isinstance(event, JobDone):
+                        timings.update(event.timings_ms)
+                        result, image = event.result, event.image
+                    else:
+                        result, inference_ms = await self._run_tiles(ticket, task, event,
+                                                                     on_stage)
+                        timings.update(decode=round(event.decode_ms, 3),
+                                       inference=round(inference_ms, 3))
+                        image = event.image
                     payload = {
                         "task": task.name,
-                        "result": event.result,
-                        "image": event.image,
+                        "result": result,
+                        "image": image,
                         "model": task.model.id,
                     }
                     if key is not None:
@@ -201,6 +223,19 @@ class AnalysisService:
             if not self.handing_back:
                 ticket.cancel()
         raise ProtocolError(ErrorCode.INTERNAL, "the job ended without an outcome")
+
+
+    async def _run_tiles(self, ticket: Ticket, task: Task, planned: TilesPlanned,
+                         on_stage: StageCallback | None) -> tuple[dict[str, Any], float]:
+        # A job followed from another gateway has only its id here: the plan names the rest.
+        parent = ticket.job if ticket.job.task else planned.parent
+
+        def on_counts(done: int, total: int) -> None:
+            if on_stage is not None:
+                on_stage(Stage.INFERENCE, None, (done, total))
+
+        self.metrics.tiles.inc(len(planned.boxes))
+        return await run_tiles(self.pool, task, parent, planned, on_counts)
 
 
 def upload_job_id(token: str) -> str:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
-import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -44,6 +43,7 @@ from server.storage.redis import connect as connect_redis
 from server.tasks import routes as task_routes
 from server.tasks.contract import Task
 from server.tasks.registry import Registry, load_registry
+from server.tuning import threads_for, usable_cores
 
 log = logging.getLogger("pixelstream")
 
@@ -57,14 +57,10 @@ def registry_for(settings: Settings) -> Registry:
 
 
 def torch_threads(settings: Settings) -> int:
-    """Threads per worker: the cores left after one for the gateway, shared among workers.
-
-    Oversubscribed cores are far worse than idle ones for torch: its threads spin waiting
-    for each other, and an 11 ms inference becomes a second when the gateway competes.
-    """
+    """Threads per worker: as set, else :func:`server.tuning.threads_for` this machine."""
     if settings.torch_threads > 0:
         return settings.torch_threads
-    return max(1, ((os.cpu_count() or 1) - 1) // max(1, settings.workers))
+    return threads_for(usable_cores(), settings.workers)
 
 
 def _needs_prepare(tasks: Sequence[Task]) -> list[Task]:

@@ -3,15 +3,18 @@
 ``pixelstream serve`` runs the service on embedded defaults; every setting is a flag
 (``--max-chunk-bytes``) and a variable (``PIXELSTREAM_MAX_CHUNK_BYTES``), flags winning.
 ``pixelstream model prepare`` builds the bundled model's folder ahead of time.
+``pixelstream finetune DATA_DIR --out MODEL_DIR`` trains a classifier on labelled images.
 ``pixelstream upload``, ``camera`` and ``analyze`` are the client's (:mod:`chunking.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -28,7 +31,8 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         kind = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})"
+        default = "from the machine" if f.default is MISSING else repr(f.default)
+        help_text = f"(env {ENV_PREFIX}{f.name.upper()}; default {default})"
         if kind in (int, float, str):
             parser.add_argument(flag, type=kind, default=None, help=help_text)
         elif kind == str | None:
@@ -58,8 +62,42 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model_commands.add_parser("prepare", help="build the default model folder")
     prepare.add_argument("--dir", type=Path, default=None, help="target folder")
     prepare.add_argument("--force", action="store_true", help="rebuild even if present")
+    _finetune_parser(commands)
     add_client_commands(commands)
     return parser
+
+
+def _finetune_parser(commands: Any) -> None:
+    from server.finetune.train import DEFAULT_MODE, MODE_DEFAULTS, MODES
+
+    finetune = commands.add_parser(
+        "finetune", help="train an image classifier on a folder of labelled images",
+        description="Fine-tune an image classifier on DATA_DIR/<label>/*.jpg|png and save a "
+                    "model folder that `pixelstream serve --model OUT` serves.")
+    finetune.add_argument("data_dir", type=Path, metavar="DATA_DIR",
+                          help="one sub-folder of images per class")
+    finetune.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR",
+                          help="where the model (and checkpoints, metrics.json) go")
+    finetune.add_argument("--base", default="default", metavar="default|FOLDER",
+                          help="the model to start from: the bundled one, or an "
+                               "image-classification folder (default: default)")
+    finetune.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                          help="head: train a new head on cached backbone features; full: "
+                               f"train every weight (default: {DEFAULT_MODE})")
+    defaults = ", ".join(f"{mode} {d.epochs}" for mode, d in MODE_DEFAULTS.items())
+    finetune.add_argument("--epochs", type=int, default=None, help=f"default: {defaults}")
+    finetune.add_argument("--val-split", type=float, default=0.2,
+                          help="share of each class held out for validation (default: 0.2)")
+    defaults = ", ".join(f"{mode} {d.learning_rate:g}" for mode, d in MODE_DEFAULTS.items())
+    finetune.add_argument("--lr", type=float, default=None, help=f"default: {defaults}")
+    defaults = ", ".join(f"{mode} {d.batch_size}" for mode, d in MODE_DEFAULTS.items())
+    finetune.add_argument("--batch-size", type=int, default=None, help=f"default: {defaults}")
+    finetune.add_argument("--seed", type=int, default=0, help="default: 0")
+    finetune.add_argument("--resume", action="store_true",
+                          help="continue from the last checkpoint in MODEL_DIR/checkpoints")
+    finetune.add_argument("--name", default=None,
+                          help="the model id results report (default: MODEL_DIR's name)")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 H11_MAX_HEAD_BYTES = 64 * 1024
@@ -106,14 +144,24 @@ def checked_registry(settings: Settings) -> Registry:
     return registry
 
 
+def explicit_settings(args: argparse.Namespace) -> set[str]:
+    """The settings given by a flag or a ``PIXELSTREAM_*`` variable (the rest are defaults)."""
+    return {f.name for f in fields(Settings)
+            if getattr(args, f.name, None) is not None or ENV_PREFIX + f.name.upper() in os.environ}
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.tuning import inference_summary
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format, settings.api_tokens)
+    if settings.workers:
+        logging.getLogger("pixelstream").info(
+            "%s", inference_summary(settings, explicit_settings(args)))
     registry = checked_registry(settings)  # before listening: a bad task stops here
     uvicorn.run(create_app(settings, tasks=registry), **uvicorn_config(settings))
     return 0
@@ -124,6 +172,7 @@ def run_workers(args: argparse.Namespace) -> int:
     serve the tasks ``serve`` does (the same --tasks file)."""
     from server.app import _needs_prepare, prepare_tasks, stream_worker_config
     from server.pipeline.stream_worker import supervise
+    from server.tuning import inference_summary
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
@@ -132,6 +181,8 @@ def run_workers(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger("pixelstream").info(
+        "%s", inference_summary(settings, explicit_settings(args)))
     registry = checked_registry(settings)
     prepare_tasks(_needs_prepare([entry.task for entry in registry.entries]))
     return supervise(stream_worker_config(settings, registry), max(1, settings.workers))
@@ -149,6 +200,24 @@ def prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    from server.finetune.data import DataError
+    from server.finetune.model import ModelError
+    from server.finetune.train import FinetuneConfig, FinetuneError, finetune
+
+    config = FinetuneConfig(
+        data_dir=args.data_dir, out=args.out, base=args.base, mode=args.mode,
+        epochs=args.epochs, val_split=args.val_split, learning_rate=args.lr,
+        batch_size=args.batch_size, seed=args.seed, resume=args.resume, name=args.name,
+        progress=not args.no_progress)
+    try:
+        finetune(config)
+    except (DataError, ModelError, FinetuneError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -160,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_client_command(args)
         if args.command == "worker":
             return run_workers(args)
+        if args.command == "finetune":
+            return run_finetune(args)
     except ValueError as exc:  # a setting that does not parse or fit, a bad tasks file
         print(f"error: {exc}", file=sys.stderr)
         return 2

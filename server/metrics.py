@@ -45,6 +45,9 @@ class Metrics:
             "pixelstream_batch_size", "Jobs per inference batch",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r,
         )
+        self.tiles = Counter(
+            "pixelstream_tiles", "Full-resolution tiles queued for spatial tasks", registry=r,
+        )
         self.handshake_refusals = Counter(
             "pixelstream_handshake_refusals", "WebSocket handshakes refused, by reason",
             ["reason"], registry=r,

@@ -45,7 +45,7 @@ from chunking.messages import (
     Welcome,
 )
 from chunking.reassembler import Appended, Lifecycle, UploadEvent, UploadState
-from server.analysis import upload_job_id
+from server.analysis import StageCallback, upload_job_id
 from server.limits import TokenBucket
 from server.logs import bind_log_context
 from server.state import AppState
@@ -625,15 +625,20 @@ async def follow_upload(app: AppState, live: LiveUpload) -> None:
         _deliver_failure(app, live, exc)
 
 
-def _stage_reporter(app: AppState, live: LiveUpload) -> Callable[[Stage, int | None], None]:
-    def on_stage(stage: Stage, position: int | None) -> None:
+def _stage_reporter(app: AppState, live: LiveUpload) -> StageCallback:
+    def on_stage(stage: Stage, position: int | None,
+                 counts: tuple[int, int] | None = None) -> None:
         queue_moved = stage is Stage.QUEUED and live.lifecycle.state is UploadState.QUEUED
-        if not queue_moved:
+        tiles_done = (stage is Stage.INFERENCE and counts is not None
+                      and live.lifecycle.state is UploadState.INFERENCE)
+        if not queue_moved and not tiles_done:
             event = _STAGE_EVENTS[stage]
             if not live.lifecycle.allows(event):
                 return  # never reordered: a stage from a retried job is not news
             live.lifecycle.advance(event)
-        deliver(app, live, Progress(id=live.upload_id, stage=stage, position=position))
+        done, total = counts if counts is not None else (None, None)
+        deliver(app, live, Progress(id=live.upload_id, stage=stage, position=position,
+                                    done=done, total=total))
 
     return on_stage
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from chunking.limits import Limits
+from server.tuning import machine_plan
 
 ENV_PREFIX = "PIXELSTREAM_"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -41,13 +42,15 @@ class Settings:
     """A tasks file (TOML) adding or replacing tasks: see README, "Serve your own model"."""
     device: str = "auto"
     """Where models run: auto (CUDA where there is one, else CPU), cpu, cuda or cuda:N."""
-    workers: int = 1
-    """Inference worker processes."""
+    workers: int = field(default_factory=lambda: machine_plan().workers)
+    """Inference worker processes; default: one per usable core, up to 8
+    (:func:`server.tuning.plan_for`)."""
     torch_threads: int = 0
-    """Threads per worker for torch; 0: the cores but one, divided among the workers."""
-    max_batch_size: int = 4
-    """Jobs per batch. 4, not 8: MobileNetV2 on one CPU thread does most images/s at batch 4
-    (batch 8 spills the cache); served at 4-64 clients, 6-18% more images/s (bench.inference)."""
+    """Threads per worker for torch; 0: the cores but one, divided among the workers (at
+    least one)."""
+    max_batch_size: int = field(default_factory=lambda: machine_plan().max_batch_size)
+    """Jobs per batch; default: 4 per torch thread (up to 16). MobileNetV2 on one CPU thread
+    does most images/s at batch 4 (batch 8 spills the cache; bench.inference)."""
     max_wait_ms: float = 5.0
     """How long a batch may wait for more jobs once a worker is free for it."""
     max_queue: int = 128

@@ -30,7 +30,7 @@ import { PixelstreamError } from "./errors.js";
  *            tasks: string[], default_task: string}} WelcomeMessage
  * @typedef {{type: "accepted", id: string, offset: number, resume: string}} AcceptedMessage
  * @typedef {{type: "progress", id: string, stage: "upload" | "queued" | "decoding" | "inference",
- *            received?: number, total?: number, position?: number}} ProgressMessage
+ *            received?: number, total?: number, position?: number, done?: number}} ProgressMessage
  * @typedef {{type: "result", task: string, result: any, image?: {width: number, height: number,
  *            format: string}, cached?: boolean, model?: string, timings_ms?: Record<string, number>,
  *            id?: string, stream?: string, seq?: number}} ResultMessage

@@ -59,7 +59,9 @@ import { callSafely, PixelstreamError } from "./errors.js";
  *   decreases); `sent` is what was handed to the socket (it steps back after a reconnect)
  * @property {(chunkSize: number, acknowledged: number, total: number) => void} [onChunkComplete]
  * @property {(stage: StageName, detail: {position?: number, attempt?: number, delay?: number,
- *             error?: PixelstreamError, offset?: number}) => void} [onStage]
+ *             error?: PixelstreamError, offset?: number, done?: number, total?: number}) => void} [onStage]
+ *   `position`: the place in the queue (`queued`); `done` of `total`: tiles finished while a
+ *   spatial task looks at a large image tile by tile (`inference`, repeated as they finish)
  * @property {(result: import("./codec.js").ResultMessage) => void} [onResult]
  * @property {(error: PixelstreamError) => void} [onError] not called for `abort()`
  * @property {(error: PixelstreamError, retryAttempt: number, options: UploadOptions) => boolean} [onShouldRetry]
@@ -128,6 +130,23 @@ function defaultStorage() {
 /** @param {ArrayBuffer} digest */
 function hex(digest) {
   return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * What a server `progress` message adds to its stage: the queue position, or the tiles done so
+ * far (only numbers pass: a message from the wire is not trusted to hold the right types).
+ * @param {import("./codec.js").ProgressMessage} message
+ * @returns {{position?: number, done?: number, total?: number}}
+ */
+function stageDetail(message) {
+  /** @type {{position?: number, done?: number, total?: number}} */
+  const detail = {};
+  if (message.stage === "queued" && Number.isFinite(message.position)) detail.position = message.position;
+  if (message.stage === "inference" && Number.isFinite(message.done) && Number.isFinite(message.total)) {
+    detail.done = message.done;
+    detail.total = message.total;
+  }
+  return detail;
 }
 
 /** @param {unknown} error @returns {PixelstreamError} */
@@ -443,7 +462,7 @@ export class Upload {
       this._acknowledge(this.total, false);
     }
     if (this.state === "sending") this._allIn();
-    this._stage(message.stage, message.stage === "queued" ? { position: message.position } : {});
+    this._stage(message.stage, stageDetail(message));
   }
 
   /** @param {import("./codec.js").ErrorMessage} message */

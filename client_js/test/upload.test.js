@@ -80,6 +80,28 @@ describe("a plain upload", () => {
     });
   }
 
+  test("tiles done of total reach onStage while a spatial task runs; odd fields do not", async () => {
+    const h = harness();
+    h.server.stages = [
+      { stage: "queued", position: 2 },
+      { stage: "decoding" },
+      { stage: "inference", done: 0, total: 3 },
+      { stage: "inference", done: 2, total: 3 },
+      { stage: "inference", done: "3", total: 3 }, // not a number: no counts passed on
+      { stage: "inference", done: 3, total: 3 },
+    ];
+    await analyze(fileOf(pattern(1000)), { ...h.options, checksum: false, task: "detect" });
+    const stages = h.events.filter((e) => e.kind === "stage" && e.stage !== "connecting" && e.stage !== "upload");
+    assert.deepEqual(stages.map(({ kind, ...detail }) => detail), [
+      { stage: "queued", position: 2 },
+      { stage: "decoding" },
+      { stage: "inference", done: 0, total: 3 },
+      { stage: "inference", done: 2, total: 3 },
+      { stage: "inference" },
+      { stage: "inference", done: 3, total: 3 },
+    ]);
+  });
+
   test("never more than window_bytes sent and unacknowledged, and the window is kept full", async () => {
     const h = harness({ limits: { window_bytes: 1000 * 1024, max_chunk_bytes: 256 * 1024 } });
     const queue = [];

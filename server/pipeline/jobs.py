@@ -17,12 +17,28 @@ from server.storage.base import ImageRef
 
 
 @dataclass(frozen=True)
+class TileSpec:
+    """One tile of a tiled analysis: the full-resolution ``box`` of the original image
+    (``original``: its displayed size) to read from the pixels decoded once for the whole
+    image (``pixels``: a handle any worker on that machine can attach; see
+    :mod:`server.runtime.pixels`)."""
+
+    pixels: str
+    box: tuple[int, int, int, int]
+    original: tuple[int, int]
+    index: int
+
+
+@dataclass(frozen=True)
 class Job:
     job_id: str
     task: str
     options: dict[str, Any]
     image: ImageRef
     max_pixels: int
+    tile: TileSpec | None = None
+    """Set for one tile of a tiled analysis (``image`` is still the whole upload: a worker
+    that cannot attach the decoded pixels decodes it once for all its tiles)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,14 @@ class DropDecode:
     job_id: str
 
 
+@dataclass(frozen=True)
+class ReleasePixels:
+    """A tiled analysis ended: close the decoded image ``pixels`` names (its owner removes
+    the file)."""
+
+    pixels: str
+
+
 # Worker → gateway ---------------------------------------------------------------------------
 
 
@@ -97,7 +121,26 @@ class JobFailed:
     message: str
 
 
-WorkerEvent = WorkerReady | StageReached | JobDone | JobFailed
+@dataclass(frozen=True)
+class TilesPlanned:
+    """The outcome of a spatial task's job on an image larger than its tile: the worker
+    decoded the image once (``pixels``) and the gateway is to run ``boxes`` as tile jobs,
+    then merge their results (:mod:`server.runtime.tiling`)."""
+
+    job_id: str
+    pixels: str
+    boxes: list[tuple[int, int, int, int]]
+    original: tuple[int, int]
+    image: dict[str, Any]
+    decode_ms: float
+    parent: Job
+    """The job planned (its image without inline bytes), for a gateway that follows a job
+    another gateway queued."""
+
+
+WorkerEvent = WorkerReady | StageReached | JobDone | JobFailed | TilesPlanned
+Outcome = JobDone | JobFailed | TilesPlanned
+"""The events that end a job."""
 
 
 # Gateway-side events for one job ------------------------------------------------------------
@@ -115,11 +158,12 @@ class Dispatched:
     queue_ms: float
 
 
-JobEvent = Queued | Dispatched | StageReached | JobDone | JobFailed
+JobEvent = Queued | Dispatched | StageReached | JobDone | JobFailed | TilesPlanned
 
 
 class Ticket:
-    """One job's events, in order; iteration ends after ``JobDone`` or ``JobFailed``.
+    """One job's events, in order; iteration ends after its outcome (``JobDone``,
+    ``JobFailed`` or ``TilesPlanned``).
 
     The queue that issued it feeds it with :meth:`put`; only the first outcome counts, so a
     job run twice (a worker died after finishing it) still yields exactly one.
@@ -133,7 +177,7 @@ class Ticket:
 
     def put(self, event: JobEvent) -> None:
         if not self.finished:
-            self.finished = isinstance(event, (JobDone, JobFailed))
+            self.finished = isinstance(event, (JobDone, JobFailed, TilesPlanned))
             self._events.put_nowait(event)
 
     def cancel(self) -> None:
@@ -146,5 +190,5 @@ class Ticket:
         while True:
             event = await self._events.get()
             yield event
-            if isinstance(event, (JobDone, JobFailed)):
+            if isinstance(event, (JobDone, JobFailed, TilesPlanned)):
                 return

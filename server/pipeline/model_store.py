@@ -372,11 +372,36 @@ def local_model_id(folder: Path) -> str:
     return folder.absolute().name
 
 
+def marker_revision(folder: Path) -> str | None:
+    """The content hash a marker records for its folder (``pixelstream finetune`` writes one),
+    while every file it lists still has the size and modification time it recorded; else None
+    (a file was replaced or touched since: the marker may no longer describe the folder)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return None
+    revision, files = marker.get("revision"), marker.get("files")
+    if not isinstance(revision, str) or not revision or not isinstance(files, dict) or not files:
+        return None
+    for name, recorded in files.items():
+        try:
+            stat = (folder / name).stat()
+        except (OSError, TypeError):
+            return None
+        if not isinstance(recorded, dict) or (recorded.get("size"), recorded.get("mtime_ns")) \
+                != (stat.st_size, stat.st_mtime_ns):
+            return None
+    return revision
+
+
 def folder_revision(folder: Path) -> str:
-    """A fingerprint of a model folder: every file's path, size and modification time. It
+    """A fingerprint of a model folder: the content hash its marker records (see
+    :func:`marker_revision`), else every file's path, size and modification time. It
     changes when weights are retrained or copied into the folder (without reading them: a
-    model may be gigabytes). The same files copied elsewhere may get another one; that costs
-    cache hits, never a stale result."""
+    model may be gigabytes). The same files copied elsewhere (without their times) may get
+    another one; that costs cache hits, never a stale result."""
+    recorded = marker_revision(folder)
+    if recorded is not None:
+        return recorded
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         stat = path.stat()

@@ -42,9 +42,11 @@ from server.pipeline.jobs import (
     JobDone,
     JobFailed,
     Queued,
+    ReleasePixels,
     Shutdown,
     StageReached,
     Ticket,
+    TileSpec,
     WorkerEvent,
     WorkerReady,
 )
@@ -197,17 +199,18 @@ class WorkerPool:
 
     def submit(
         self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
-        *, job_id: str | None = None,
+        *, job_id: str | None = None, tile: TileSpec | None = None,
     ) -> Ticket:
         """Queue a job. Raises ProtocolError(busy) when the queue is full, (internal) when the
-        workers could not start. ``job_id`` names the job (else a fresh number does)."""
+        workers could not start. ``job_id`` names the job (else a fresh number does). A tile
+        (of an upload admitted already) is queued even when the queue is full."""
         if self.startup_error is not None:
             raise ProtocolError(ErrorCode.INTERNAL, "the inference workers failed to start")
-        if len(self._pending) >= self.max_queue:
+        if tile is None and len(self._pending) >= self.max_queue:
             raise ProtocolError(
                 ErrorCode.BUSY, "the inference queue is full", retry_after_ms=self.retry_after_ms()
             )
-        job = Job(job_id or str(next(self._job_ids)), task, options, image, max_pixels)
+        job = Job(job_id or str(next(self._job_ids)), task, options, image, max_pixels, tile)
         ticket = Ticket(job, self._cancel)
         now = time.monotonic()
         if self._last_arrival is not None:
@@ -222,6 +225,16 @@ class WorkerPool:
         self._metrics.queue_depth.set(len(self._pending))
         self._wakeup.set()
         return ticket
+
+    @property
+    def tile_window(self) -> int:
+        """Tiles of one image to keep queued: enough to fill a batch on every worker twice."""
+        return 2 * self.max_batch_size * max(1, self._size)
+
+    def release_pixels(self, pixels: str) -> None:
+        """A tiled analysis ended: every worker closes its image (the owner removes it)."""
+        for worker in self._workers:
+            self._post(worker, ReleasePixels(pixels))
 
     def attach(self, job_id: str) -> Ticket:
         """In-process jobs are followed through the gateway's own registry, never attached."""
@@ -278,7 +291,8 @@ class WorkerPool:
             self._post(worker, DropDecode(job_id))
             self._metrics.decodes_ahead.labels("dropped").inc()
 
-    def _post(self, worker: _Worker, message: DecodeAhead | BytesArrived | DropDecode) -> None:
+    def _post(self, worker: _Worker,
+              message: DecodeAhead | BytesArrived | DropDecode | ReleasePixels) -> None:
         with contextlib.suppress(OSError):  # a dying worker: its reader reports the exit
             worker.conn.send(message)
 

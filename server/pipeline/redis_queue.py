@@ -38,6 +38,8 @@ from server.pipeline.jobs import (
     Queued,
     StageReached,
     Ticket,
+    TileSpec,
+    TilesPlanned,
 )
 from server.storage import keys
 from server.storage.base import ImageRef
@@ -69,22 +71,35 @@ return 0
 """
 
 
-def encode_job(job: Job) -> tuple[bytes, bytes]:
-    """A job as stream fields: its JSON, and inline image bytes (frames) apart, unencoded."""
+def _job_fields(job: Job) -> dict[str, Any]:
     image = {"size": job.image.size, "key": job.image.key}
-    body = {"job_id": job.job_id, "task": job.task, "options": job.options,
-            "max_pixels": job.max_pixels, "image": image}
-    return orjson.dumps(body), job.image.data or b""
+    body: dict[str, Any] = {"job_id": job.job_id, "task": job.task, "options": job.options,
+                            "max_pixels": job.max_pixels, "image": image}
+    if job.tile is not None:
+        body["tile"] = {"pixels": job.tile.pixels, "box": job.tile.box,
+                        "original": job.tile.original, "index": job.tile.index}
+    return body
 
 
-def decode_job(body: bytes, data: bytes) -> Job:
-    fields = orjson.loads(body)
+def _job_from(fields: dict[str, Any], data: bytes) -> Job:
     image = fields["image"]
+    tile = fields.get("tile")
     return Job(
         job_id=fields["job_id"], task=fields["task"], options=fields["options"],
         image=ImageRef(size=image["size"], key=image.get("key"), data=data or None),
         max_pixels=fields["max_pixels"],
+        tile=None if tile is None else TileSpec(
+            tile["pixels"], tuple(tile["box"]), tuple(tile["original"]), tile["index"]),
     )
+
+
+def encode_job(job: Job) -> tuple[bytes, bytes]:
+    """A job as stream fields: its JSON, and inline image bytes (frames) apart, unencoded."""
+    return orjson.dumps(_job_fields(job)), job.image.data or b""
+
+
+def decode_job(body: bytes, data: bytes) -> Job:
+    return _job_from(orjson.loads(body), data)
 
 
 def encode_event(event: JobEvent) -> bytes:
@@ -98,6 +113,10 @@ def encode_event(event: JobEvent) -> bytes:
     if isinstance(event, JobFailed):
         return orjson.dumps({"kind": "failed", "code": event.code.value,
                              "message": event.message})
+    if isinstance(event, TilesPlanned):
+        return orjson.dumps({"kind": "tiles", "pixels": event.pixels, "boxes": event.boxes,
+                             "original": event.original, "image": event.image,
+                             "decode_ms": event.decode_ms, "parent": _job_fields(event.parent)})
     raise TypeError(f"not a worker event: {event!r}")
 
 
@@ -111,6 +130,10 @@ def decode_event(job_id: str, raw: bytes) -> JobEvent:
     if kind == "done":
         return JobDone(job_id, result=fields["result"], image=fields["image"],
                        timings_ms=fields["timings_ms"])
+    if kind == "tiles":
+        return TilesPlanned(job_id, fields["pixels"], [tuple(box) for box in fields["boxes"]],
+                            tuple(fields["original"]), fields["image"], fields["decode_ms"],
+                            _job_from(fields["parent"], b""))
     return JobFailed(job_id, ErrorCode(fields["code"]), fields["message"])
 
 
@@ -191,11 +214,11 @@ class RedisJobQueue:
     # Jobs -------------------------------------------------------------------------------------
 
     def submit(self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
-               *, job_id: str | None = None) -> Ticket:
-        if self._depth >= self.max_queue:
+               *, job_id: str | None = None, tile: TileSpec | None = None) -> Ticket:
+        if tile is None and self._depth >= self.max_queue:
             raise ProtocolError(ErrorCode.BUSY, "the inference queue is full",
                                 retry_after_ms=self.retry_after_ms())
-        job = Job(job_id or secrets.token_hex(12), task, options, image, max_pixels)
+        job = Job(job_id or secrets.token_hex(12), task, options, image, max_pixels, tile)
         followed = self._follow(job)
         followed_task = asyncio.create_task(self._send(followed), name="queue-send")
         self._tasks.append(followed_task)
@@ -289,7 +312,7 @@ class RedisJobQueue:
         if followed is None:
             return
         event = decode_event(job_id, raw)
-        if isinstance(event, (JobDone, JobFailed)):
+        if isinstance(event, (JobDone, JobFailed, TilesPlanned)):
             self._finish(job_id, event)
             return
         if isinstance(event, Dispatched):

@@ -40,13 +40,16 @@ from server.pipeline.jobs import (
     JobEvent,
     JobFailed,
     StageReached,
+    TilesPlanned,
     WorkerEvent,
 )
 from server.pipeline.redis_queue import decode_job, encode_event
 from server.pipeline.worker import WorkerConfig, load_tasks, run_batch
+from server.runtime.pixels import PixelCache, attach_possible
 from server.storage import keys
 from server.storage.base import ImageRef
 from server.tasks.contract import Task
+from server.tuning import tune_worker_malloc
 
 log = logging.getLogger("pixelstream.stream_worker")
 
@@ -83,6 +86,8 @@ class StreamWorker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self._stopping = threading.Event()
         self._last_claim = 0.0
+        self.pixels = PixelCache()
+        """Images decoded for tiled analyses, shared with this machine's other workers."""
 
     def stop(self) -> None:
         self._stopping.set()
@@ -99,6 +104,7 @@ class StreamWorker:
                 log.warning("the shared queue is unreachable (%s); retrying", exc)
                 self._stopping.wait(1.0)
         with_suppressed(lambda: self.redis.hdel(keys.WORKERS, self.name))
+        self.pixels.close()
 
     def step(self) -> int:
         """Take one batch's worth of jobs (claimed from dead workers first) and run them."""
@@ -156,7 +162,7 @@ class StreamWorker:
             if job is not None:
                 by_task[job.task].append(job)
         for jobs in by_task.values():
-            for event in run_batch(self.analyzers, Batch(jobs)):
+            for event in run_batch(self.analyzers, Batch(jobs), pixels=self.pixels):
                 self.publish(event)
         ids = [entry_id for entry_id, _ in entries]
         pipe = self.redis.pipeline(transaction=False)
@@ -175,6 +181,9 @@ class StreamWorker:
             return None
         queue_ms = max(0.0, (time.time() - float(fields.get(b"enqueued", b"0"))) * 1000)
         self.publish_to(job.job_id, Dispatched(queue_ms=queue_ms))
+        if job.tile is not None and (job.tile.pixels in self.pixels
+                                     or attach_possible(job.tile.pixels)):
+            return job  # its pixels are decoded on this machine: the upload is not needed
         if job.image.key is not None:
             data: Any = self.redis.get(job.image.key)
             if data is None:
@@ -182,19 +191,19 @@ class StreamWorker:
                                        "the image was released before it was analysed"))
                 return None
             job = Job(job.job_id, job.task, job.options, ImageRef(size=len(data), data=data),
-                      job.max_pixels)
+                      job.max_pixels, job.tile)
         return job
 
     def publish(self, event: WorkerEvent | JobEvent) -> None:
         if isinstance(event, StageReached):
             for job_id in event.job_ids:
                 self.publish_to(job_id, StageReached([job_id], event.stage))
-        elif isinstance(event, (JobDone, JobFailed)):
+        elif isinstance(event, (JobDone, JobFailed, TilesPlanned)):
             self.publish_to(event.job_id, event)
 
     def publish_to(self, job_id: str, event: JobEvent) -> None:
         raw = encode_event(event)
-        if isinstance(event, (JobDone, JobFailed)):
+        if isinstance(event, (JobDone, JobFailed, TilesPlanned)):
             # Kept first, so a gateway that moves the reply route after this still finds it.
             self.redis.set(keys.job_outcome(job_id), raw, ex=keys.JOB_TTL_S, nx=True)
         gateway: Any = self.redis.get(keys.job_reply(job_id))
@@ -224,6 +233,7 @@ def ensure_group_sync(redis: redis_sync.Redis) -> None:
 def stream_worker_main(config: StreamWorkerConfig) -> None:
     """Process entry point (``pixelstream worker`` spawns one per ``--workers``)."""
     configure_from_environment("stream-worker")  # --log-format, via the environment
+    tune_worker_malloc()  # before the models load: see server.tuning
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(max(1, config.torch_threads))
     from PIL import Image

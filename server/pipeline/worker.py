@@ -30,13 +30,18 @@ from server.pipeline.jobs import (
     Job,
     JobDone,
     JobFailed,
+    ReleasePixels,
     Shutdown,
     StageReached,
+    TilesPlanned,
     WorkerEvent,
     WorkerReady,
 )
+from server.runtime import tiling
+from server.runtime.pixels import PixelCache, decode_full
 from server.tasks.contract import Task, View, parse_options
 from server.tasks.registry import resolve_device
+from server.tuning import tune_worker_malloc
 
 log = logging.getLogger("pixelstream.worker")
 
@@ -75,6 +80,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     # Ctrl-C goes to the whole process group; the gateway decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_from_environment("worker")  # the gateway's --log-format (text or JSON lines)
+    tune_worker_malloc()  # before the models load: see server.tuning
     # Read by torch (and numpy's BLAS) when first imported, which happens in load().
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(max(1, config.torch_threads))
@@ -85,14 +91,17 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     Image.MAX_IMAGE_PIXELS = None
     analyzers = load_tasks(config)
     ahead = DecodesAhead(analyzers)
+    pixels = PixelCache()
     conn.send(WorkerReady(pid=os.getpid(), models={t: a.model.id for t, a in analyzers.items()}))
     try:
-        serve(conn, analyzers, ahead)
+        serve(conn, analyzers, ahead, pixels)
     finally:
         ahead.close()
+        pixels.close()
 
 
-def serve(conn: Connection, analyzers: Mapping[str, Task], ahead: DecodesAhead) -> None:
+def serve(conn: Connection, analyzers: Mapping[str, Task], ahead: DecodesAhead,
+          pixels: PixelCache) -> None:
     """The worker's loop: batches and decodes ahead, until told to stop or the gateway goes."""
     while True:
         try:
@@ -104,12 +113,14 @@ def serve(conn: Connection, analyzers: Mapping[str, Task], ahead: DecodesAhead) 
         if isinstance(message, BytesArrived):
             ahead.arrived(message.job_id, message.received)
         elif isinstance(message, Batch):
-            for event in run_batch(analyzers, message, ahead):
+            for event in run_batch(analyzers, message, ahead, pixels):
                 conn.send(event)
         elif isinstance(message, DecodeAhead):
             ahead.start(message)
         elif isinstance(message, DropDecode):
             ahead.drop(message.job_id)
+        elif isinstance(message, ReleasePixels):
+            pixels.release(message.pixels)
 
 
 @dataclass
@@ -128,43 +139,74 @@ def _fault(job: Job, what: str) -> JobFailed:
     return JobFailed(job.job_id, ErrorCode.INTERNAL, f"{what} failed on the server")
 
 
-def run_batch(analyzers: Mapping[str, Task], batch: Batch,
-              ahead: DecodesAhead | None = None) -> Iterator[WorkerEvent]:
-    """Decode, preprocess, predict and encode one batch; yields stage events and outcomes.
-    A job whose image ``ahead`` decoded while it arrived takes that image instead."""
-    prepared: list[_Prepared] = []
-    for job in batch.jobs:
-        analyzer = analyzers.get(job.task)
-        if analyzer is None:
-            yield JobFailed(job.job_id, ErrorCode.UNKNOWN_TASK, f"no worker model for {job.task!r}")
-            continue
-        yield StageReached([job.job_id], Stage.DECODING)
-        started = time.perf_counter()
+def _prepare(analyzer: Task, job: Job, ahead: DecodesAhead | None, pixels: PixelCache,
+             started: float) -> tuple[TilesPlanned | None, _Prepared | None]:
+    """One job's decoded pixels and model input; or, for a spatial task's large image, the
+    tiles to run instead (:mod:`server.runtime.tiling`)."""
+    options = parse_options(analyzer, job.options)
+    decoded_ahead = False
+    if job.tile is not None:
+        view, image = tiling.tile_view(job, pixels)
+    else:
         source = job.image.path if job.image.path is not None else job.image.data
-        try:
-            assert source is not None
-            decoded: DecodedImage | None = None
-            if ahead is not None and job.image.path is not None:
-                decoded = ahead.take(job.job_id, job.image.path)
+        assert source is not None
+        decoded: DecodedImage | None = None
+        if ahead is not None and job.image.path is not None:
+            decoded = ahead.take(job.job_id, job.image.path)
             decoded_ahead = decoded is not None
-            if decoded is None:
-                decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode)
-            view = View.whole(decoded.image, displayed_size(decoded))
-            options = parse_options(analyzer, job.options)
-            item = analyzer.preprocess(view, options)
-        except ProtocolError as exc:
-            yield JobFailed(job.job_id, exc.code, exc.message)
-            continue
-        except FileNotFoundError:
-            # The upload was cancelled and its spool file freed while queued.
-            yield JobFailed(job.job_id, ErrorCode.INTERNAL, "the image was released")
-            continue
-        except Exception:
-            yield _fault(job, "decoding")
-            continue
-        decode_ms = (time.perf_counter() - started) * 1000
-        prepared.append(_Prepared(job, decoded.info.to_dict(), view, options, item, decode_ms,
-                                  decoded_ahead))
+        if tiling.wants_tiles(analyzer, options):
+            if decoded is None or decoded.image.size != displayed_size(decoded):
+                decoded, decoded_ahead = decode_full(source, max_pixels=job.max_pixels), False
+            if tiling.needs_tiles(analyzer, decoded.image.size):
+                decode_ms = (time.perf_counter() - started) * 1000
+                return tiling.plan(job, analyzer, decoded, pixels, decode_ms), None
+        if decoded is None:
+            decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode)
+        view = View.whole(decoded.image, displayed_size(decoded))
+        image = decoded.info.to_dict()
+    item = analyzer.preprocess(view, options)
+    decode_ms = (time.perf_counter() - started) * 1000
+    return None, _Prepared(job, image, view, options, item, decode_ms, decoded_ahead)
+
+
+def run_batch(analyzers: Mapping[str, Task], batch: Batch,
+              ahead: DecodesAhead | None = None,
+              pixels: PixelCache | None = None) -> Iterator[WorkerEvent]:
+    """Decode, preprocess, predict and encode one batch; yields stage events and outcomes.
+    A job whose image ``ahead`` decoded while it arrived takes that image instead. A spatial
+    task's large image yields ``TilesPlanned`` (its tiles come back as jobs, read from
+    ``pixels``: the worker's open images)."""
+    prepared: list[_Prepared] = []
+    own_pixels = pixels is None
+    pixels = PixelCache() if pixels is None else pixels
+    try:
+        for job in batch.jobs:
+            analyzer = analyzers.get(job.task)
+            if analyzer is None:
+                yield JobFailed(job.job_id, ErrorCode.UNKNOWN_TASK,
+                                f"no worker model for {job.task!r}")
+                continue
+            yield StageReached([job.job_id], Stage.DECODING)
+            started = time.perf_counter()
+            try:
+                planned, ready = _prepare(analyzer, job, ahead, pixels, started)
+            except ProtocolError as exc:
+                yield JobFailed(job.job_id, exc.code, exc.message)
+                continue
+            except FileNotFoundError:
+                # The upload was cancelled and its spool file freed while queued.
+                yield JobFailed(job.job_id, ErrorCode.INTERNAL, "the image was released")
+                continue
+            except Exception:
+                yield _fault(job, "decoding")
+                continue
+            if planned is not None:
+                yield planned
+            elif ready is not None:
+                prepared.append(ready)
+    finally:
+        if own_pixels:
+            pixels.close()
     if not prepared:
         return
     analyzer = analyzers[prepared[0].job.task]

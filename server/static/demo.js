@@ -54,10 +54,27 @@ function splitLabel(label) {
   return [name, rest.join(", ")];
 }
 
-const TASK_NAMES = { classify: "Classify objects", colors: "Dominant colors" };
+const TASK_NAMES = {
+  classify: "Classify objects",
+  colors: "Dominant colors",
+  "zero-shot": "Label with your words",
+  detect: "Detect objects",
+  ocr: "Read text",
+  faces: "Find faces",
+  codes: "QR codes and barcodes",
+  moderate: "Check for adult content",
+  caption: "Describe in words",
+  embed: "Embedding vector",
+};
 
 function taskName(task) {
   return TASK_NAMES[task] || task.replace(/[._-]+/g, " ").replace(/^\w/, (c) => c.toUpperCase());
+}
+
+/** "max_objects" → "Max objects". */
+function humanize(name) {
+  const words = String(name).replace(/[._-]+/g, " ").trim();
+  return words ? words[0].toUpperCase() + words.slice(1) : String(name);
 }
 
 // Connection status ----------------------------------------------------------------------------
@@ -97,7 +114,7 @@ connection.on("close", (error) => {
 });
 
 const taskSelect = $("#task");
-const topkSelect = $("#topk");
+const optionsBox = $("#task-options");
 
 function applyWelcome(welcome) {
   const current = taskSelect.value || welcome.default_task;
@@ -106,7 +123,8 @@ function applyWelcome(welcome) {
     option.selected = task === current;
     return option;
   }));
-  updateTaskFields();
+  renderTaskFields();
+  loadTaskDescriptions();
   const limits = welcome.limits;
   $("#drop-hint").textContent =
     `JPEG, PNG, WebP, GIF, BMP, TIFF · up to ${formatBytes(limits.max_image_bytes)} each`;
@@ -116,15 +134,140 @@ function applyWelcome(welcome) {
     `${formatBytes(limits.window_bytes)} in flight · ${limits.max_uploads} uploads at once per connection`;
 }
 
-function updateTaskFields() {
-  $("#topk-field").hidden = taskSelect.value !== "classify";
-}
-taskSelect.addEventListener("change", updateTaskFields);
+// Tasks and their options: GET /v1/tasks describes each task with the JSON Schema of its
+// options, and the page builds its form from that, so a user's own task gets fields too.
 
-function taskOptions(task, topK = Number(topkSelect.value)) {
-  if (task === "classify") return { top_k: topK };
-  if (task === "colors") return { colors: 6 };
-  return {};
+/** name → {name, kind, model, revision, options, result, spatial}, from GET /v1/tasks. */
+demo.tasks = new Map();
+
+async function loadTaskDescriptions() {
+  try {
+    const response = await fetch("/v1/tasks", { headers: { Accept: "application/json" } });
+    if (!response.ok) throw new Error(`GET /v1/tasks answered ${response.status}`);
+    const body = await response.json();
+    demo.tasks = new Map(body.tasks.map((task) => [task.name, task]));
+  } catch (error) {
+    // The socket's welcome still names the tasks; they run with their default options.
+    record(null, "tasks-error", { message: String(error?.message || error) });
+  }
+  renderTaskFields();
+}
+
+/** The schema itself, or what a `$ref` or an `anyOf: [X, null]` (an optional field) points at. */
+function plainSchema(schema, root) {
+  let current = schema || {};
+  for (let depth = 0; depth < 4; depth += 1) {
+    if (typeof current.$ref === "string") {
+      const name = current.$ref.split("/").pop();
+      current = { ...(root?.$defs?.[name] || {}), ...current, $ref: undefined };
+    } else if (Array.isArray(current.anyOf)) {
+      const choice = current.anyOf.find((option) => option.type !== "null") || {};
+      current = { ...choice, ...current, anyOf: undefined };
+    } else break;
+  }
+  return current;
+}
+
+/** Values typed per task and option, kept while switching tasks back and forth. */
+const typedOptions = new Map();
+
+function optionField(task, name, schema, required) {
+  const kind = Array.isArray(schema.enum) ? "enum"
+    : schema.type === "array" && ["string", undefined].includes(schema.items?.type) ? "list"
+      : schema.type;
+  if (!["boolean", "integer", "number", "enum", "list", "string"].includes(kind)) return null;
+  const label = document.createElement("label");
+  label.className = kind === "boolean" ? "field check" : "field";
+  label.title = schema.description || "";
+  const caption = document.createElement("span");
+  caption.textContent = schema.title && schema.title !== humanize(name) ? schema.title : humanize(name);
+  let input;
+  const saved = typedOptions.get(`${task}/${name}`);
+  if (kind === "enum") {
+    input = document.createElement("select");
+    for (const value of schema.enum) input.append(new Option(String(value), JSON.stringify(value)));
+    input.value = JSON.stringify(saved ?? schema.default ?? schema.enum[0]);
+  } else {
+    input = document.createElement("input");
+    if (kind === "boolean") {
+      input.type = "checkbox";
+      input.checked = Boolean(saved ?? schema.default ?? false);
+    } else if (kind === "integer" || kind === "number") {
+      input.type = "number";
+      input.step = kind === "integer" ? "1" : "any";
+      const min = schema.minimum ?? (schema.exclusiveMinimum !== undefined ? schema.exclusiveMinimum : undefined);
+      const max = schema.maximum ?? schema.exclusiveMaximum;
+      if (min !== undefined) input.min = String(min);
+      if (max !== undefined) input.max = String(max);
+      const value = saved ?? schema.default;
+      input.value = value === undefined || value === null ? "" : String(value);
+    } else {
+      input.type = "text";
+      const value = saved ?? schema.default;
+      input.value = Array.isArray(value) ? value.join(", ") : value == null ? "" : String(value);
+      if (kind === "list") input.placeholder = "comma, separated, words";
+    }
+  }
+  input.required = required;
+  input.dataset.option = name;
+  input.dataset.kind = kind;
+  input.addEventListener("change", () => typedOptions.set(`${task}/${name}`, fieldValue(input)));
+  if (kind === "boolean") label.append(input, caption);
+  else label.append(caption, input);
+  return label;
+}
+
+/** A field's value as the options object wants it; undefined: leave the option out. */
+function fieldValue(input) {
+  switch (input.dataset.kind) {
+    case "boolean": return input.checked;
+    case "enum": return JSON.parse(input.value);
+    case "integer":
+    case "number": return input.value === "" ? undefined : Number(input.value);
+    case "list": {
+      const words = input.value.split(/[,\n]/).map((word) => word.trim()).filter(Boolean);
+      return words.length ? words : undefined;
+    }
+    default: return input.value === "" ? undefined : input.value;
+  }
+}
+
+function renderTaskFields() {
+  const task = taskSelect.value;
+  const description = demo.tasks.get(task);
+  const schema = description?.options;
+  const fields = [];
+  if (schema?.properties) {
+    const required = new Set(schema.required || []);
+    for (const [name, property] of Object.entries(schema.properties)) {
+      const field = optionField(task, name, plainSchema(property, schema), required.has(name));
+      if (field) fields.push(field);
+    }
+  }
+  optionsBox.replaceChildren(...fields);
+  const about = $("#task-about");
+  about.replaceChildren();
+  if (description) {
+    const model = document.createElement("code");
+    model.textContent = description.model + (description.revision ? ` @ ${description.revision.slice(0, 12)}` : "");
+    about.append(description.spatial ? "Looks at every pixel, tile by tile · " : "", "model ", model);
+  }
+}
+taskSelect.addEventListener("change", renderTaskFields);
+
+/** The options of the chosen task, from its fields; `override` wins (the camera asks for fewer labels). */
+function taskOptions(task, override = {}) {
+  const options = {};
+  if (task === taskSelect.value) {
+    for (const input of optionsBox.querySelectorAll("[data-option]")) {
+      const value = fieldValue(input);
+      if (value !== undefined) options[input.dataset.option] = value;
+    }
+  }
+  for (const [name, value] of Object.entries(override)) {
+    if (demo.tasks.get(task)?.options?.properties?.[name]) options[name] = value;
+  }
+  return options;
 }
 
 // Uploads ------------------------------------------------------------------------------------
@@ -231,7 +374,7 @@ function previewInWorker(file, width) {
 }
 
 function record(item, kind, fields) {
-  demo.events.push({ t: performance.now(), item: item.index, kind, ...fields });
+  demo.events.push({ t: performance.now(), item: item ? item.index : null, kind, ...fields });
 }
 
 function startItem(item) {
@@ -255,7 +398,7 @@ function startItem(item) {
     },
     onStage(stage, detail) {
       record(item, "stage", { stage, position: detail.position, attempt: detail.attempt, delay: detail.delay,
-        error: detail.error?.code });
+        error: detail.error?.code, done: detail.done, total: detail.total });
       item.stage = stage;
       item.detail = detail;
       if (stage === "upload" && !item.uploadStartedAt) item.uploadStartedAt = performance.now();
@@ -266,7 +409,8 @@ function startItem(item) {
     },
   });
   item.upload.start().then((result) => {
-    record(item, "result", { cached: result.cached, labels: result.result?.labels?.map((l) => l.label) });
+    record(item, "result", { cached: result.cached, labels: result.result?.labels?.map((l) => l.label),
+      task: result.task });
     item.result = result;
     item.state = "done";
     item.finishedAt = performance.now();
@@ -341,7 +485,9 @@ function statusText(item) {
     case "queued":
       return detail.position > 1 ? `In queue · position ${detail.position}` : "In queue · next in line";
     case "decoding": return "Decoding the image…";
-    case "inference": return "Running the model…";
+    case "inference":
+      return detail.total > 1 ? `Analyzing tiles · ${detail.done ?? 0} of ${detail.total} done`
+        : "Running the model…";
     default: return "";
   }
 }
@@ -416,6 +562,135 @@ function renderFacts(box, item) {
   box.innerHTML = facts.map((fact) => `<span>${fact}</span>`).join("");
 }
 
+// Results: one renderer for every task's shape (PROTOCOL.md, "Tasks and their results"); what
+// it does not know is still shown as JSON.
+
+const SVG = "http://www.w3.org/2000/svg";
+const MAX_BOXES = 300;
+
+/** Boxes of a result, each `{group, box, label}`: objects, faces, codes and OCR lines. */
+function boxesOf(result) {
+  const shapes = [];
+  const add = (group, entries, labelOf) => {
+    if (!Array.isArray(entries)) return;
+    for (const entry of entries) {
+      if (Array.isArray(entry?.box) && entry.box.length === 4) shapes.push({ group, box: entry.box, label: labelOf(entry) });
+    }
+  };
+  const percent = (score) => (typeof score === "number" ? ` ${Math.round(score * 100)}%` : "");
+  add("objects", result.objects, (o) => `${o.label ?? "object"}${percent(o.score)}`);
+  add("faces", result.faces, (f) => `face${percent(f.score)}`);
+  add("codes", result.codes, (c) => String(c.text ?? c.format ?? "code"));
+  add("lines", result.lines, () => "");
+  return shapes.slice(0, MAX_BOXES);
+}
+
+/**
+ * Draws `shapes` into `svg`; `place(box)` gives a box's [x, y, width, height] as SVG lengths.
+ * Labels are text nodes (never markup): they come from models and from images.
+ */
+function drawBoxes(svg, shapes, place) {
+  const groups = new Map();
+  for (const shape of shapes) {
+    if (!groups.has(shape.group)) {
+      const g = document.createElementNS(SVG, "g");
+      g.setAttribute("class", shape.group);
+      groups.set(shape.group, g);
+    }
+    const [x, y, width, height] = place(shape.box);
+    const rect = document.createElementNS(SVG, "rect");
+    rect.setAttribute("x", x);
+    rect.setAttribute("y", y);
+    rect.setAttribute("width", width);
+    rect.setAttribute("height", height);
+    rect.setAttribute("rx", "2");
+    const g = groups.get(shape.group);
+    g.append(rect);
+    if (shape.label) {
+      const text = document.createElementNS(SVG, "text");
+      text.setAttribute("x", x);
+      text.setAttribute("y", y);
+      text.setAttribute("dx", "3");
+      text.setAttribute("dy", "-4");
+      text.textContent = shape.label;
+      g.append(text);
+    }
+  }
+  svg.replaceChildren(...groups.values());
+}
+
+/** The size the boxes refer to: the original image as displayed (EXIF orientation applied). */
+function originalSize(item, img) {
+  let width = item.result.image?.width;
+  let height = item.result.image?.height;
+  if (!width || !height) return null;
+  // The browser shows the picture upright; a size reported before rotation is swapped.
+  if (img?.naturalWidth && (img.naturalWidth > img.naturalHeight) !== (width > height) && width !== height) {
+    [width, height] = [height, width];
+  }
+  return [width, height];
+}
+
+function renderFigure(item, shapes) {
+  const figure = $(".figure", item.card);
+  const img = $("img", figure);
+  figure.hidden = !shapes.length || !item.objectUrl;
+  if (figure.hidden) return;
+  const draw = () => {
+    const size = originalSize(item, img);
+    if (!size) return;
+    const [width, height] = size;
+    // Percentages of the picture: the overlay follows it at any displayed size.
+    const pct = (value, of) => `${((value / of) * 100).toFixed(3)}%`;
+    drawBoxes($("svg", figure), shapes, ([x0, y0, x1, y1]) =>
+      [pct(x0, width), pct(y0, height), pct(x1 - x0, width), pct(y1 - y0, height)]);
+  };
+  if (img.getAttribute("src") !== item.objectUrl) {
+    img.addEventListener("load", draw, { once: true });
+    img.src = item.objectUrl;
+  } else draw();
+  const counts = new Map();
+  for (const shape of shapes) counts.set(shape.group, (counts.get(shape.group) || 0) + 1);
+  const names = { objects: ["object", "objects"], faces: ["face", "faces"], codes: ["code", "codes"], lines: ["line", "lines"] };
+  $("figcaption", figure).textContent = [...counts].map(([group, n]) => `${n} ${names[group][n === 1 ? 0 : 1]}`).join(" · ");
+}
+
+function renderResult(item) {
+  const card = item.card;
+  const result = item.result.result || {};
+  const labels = $(".labels", card);
+  if (Array.isArray(result.labels)) renderLabels(labels, result.labels);
+  else if (typeof result.nsfw === "number") renderLabels(labels, [{ label: "Adult content (NSFW)", score: result.nsfw }]);
+  else labels.replaceChildren();
+  if (Array.isArray(result.colors)) renderSwatches($(".swatches", card), result.colors);
+  renderFigure(item, boxesOf(result));
+
+  const text = $(".result-text", card);
+  text.classList.toggle("caption", typeof result.caption === "string");
+  if (typeof result.caption === "string") text.textContent = result.caption;
+  else if (typeof result.text === "string") text.textContent = result.text || "No text found.";
+  else if (Array.isArray(result.embedding)) {
+    const head = result.embedding.slice(0, 4).map((v) => Number(v).toFixed(3)).join(", ");
+    text.textContent = `${result.embedding.length}-dimensional embedding: [${head}, …]`;
+  } else if (Array.isArray(result.objects) && !result.objects.length) text.textContent = "No objects found.";
+  else if (Array.isArray(result.faces) && !result.faces.length) text.textContent = "No faces found.";
+  else if (Array.isArray(result.codes) && !result.codes.length) text.textContent = "No codes found.";
+  else text.textContent = "";
+  text.hidden = !text.textContent;
+
+  const json = $(".result-json", card);
+  json.hidden = false;
+  $("pre", json).textContent = JSON.stringify(result, null, 2).slice(0, 20000);
+  renderFacts($(".facts", card), item);
+}
+
+function clearResult(card) {
+  for (const selector of [".labels", ".swatches", ".facts"]) $(selector, card).replaceChildren();
+  $(".figure", card).hidden = true;
+  $(".result-text", card).hidden = true;
+  $(".result-json", card).hidden = true;
+}
+
 function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
@@ -428,7 +703,12 @@ function renderItem(item) {
   const ackPercent = item.total ? (item.acknowledged / item.total) * 100 : 0;
   const sentPercent = item.total ? (item.sent / item.total) * 100 : 0;
   const progress = $(".progress", card);
-  $(".progress-acked", card).style.width = `${item.state === "done" ? 100 : ackPercent}%`;
+  // While tiles run, the bar starts over and fills as they finish.
+  const tiling = item.state === "processing" && item.stage === "inference" && item.detail.total > 1;
+  if (tiling) card.dataset.tiling = "";
+  else delete card.dataset.tiling;
+  const barPercent = tiling ? (item.detail.done / item.detail.total) * 100 : ackPercent;
+  $(".progress-acked", card).style.width = `${item.state === "done" ? 100 : barPercent}%`;
   $(".progress-sent", card).style.width = `${finished ? 0 : sentPercent}%`;
   progress.setAttribute("aria-valuenow", String(Math.floor(ackPercent)));
   $(".status", card).textContent = statusText(item);
@@ -446,19 +726,8 @@ function renderItem(item) {
     }
   }
 
-  const labels = $(".labels", card);
-  const swatches = $(".swatches", card);
-  const facts = $(".facts", card);
-  if (item.state === "done") {
-    const result = item.result.result || {};
-    if (Array.isArray(result.labels)) renderLabels(labels, result.labels);
-    if (Array.isArray(result.colors)) renderSwatches(swatches, result.colors);
-    renderFacts(facts, item);
-  } else {
-    labels.replaceChildren();
-    swatches.replaceChildren();
-    facts.replaceChildren();
-  }
+  if (item.state === "done") renderResult(item);
+  else clearResult(card);
 
   const errorBox = $(".error-box", card);
   errorBox.hidden = !(item.state === "error" || item.state === "cancelled");
@@ -600,7 +869,7 @@ async function startCameraMode() {
   camera = client.camera(video, {
     fps: Number($("#camera-fps").value),
     task,
-    options: taskOptions(task, 3),
+    options: taskOptions(task, { top_k: 3 }),
     onResult(result, stats) {
       demo.camera.results += 1;
       const labels = result.result?.labels;
@@ -611,6 +880,7 @@ async function startCameraMode() {
       else if (Array.isArray(result.result?.colors)) {
         renderLabels(overlay, result.result.colors.slice(0, 3).map((c) => ({ label: c.hex, score: c.fraction })));
       }
+      drawCameraBoxes(result);
       renderCameraStats(stats);
     },
     onDropped(seq, stats) {
@@ -639,6 +909,19 @@ async function startCameraMode() {
   toggle.disabled = false;
 }
 
+/** Boxes over the live video, which shows the frame scaled to cover the viewer (cropped). */
+function drawCameraBoxes(result) {
+  const svg = $("#camera-boxes");
+  const width = result.image?.width;
+  const height = result.image?.height;
+  if (!width || !height) return svg.replaceChildren();
+  const scale = Math.max(viewer.clientWidth / width, viewer.clientHeight / height);
+  const dx = (viewer.clientWidth - width * scale) / 2;
+  const dy = (viewer.clientHeight - height * scale) / 2;
+  drawBoxes(svg, boxesOf(result.result || {}), ([x0, y0, x1, y1]) =>
+    [dx + x0 * scale, dy + y0 * scale, (x1 - x0) * scale, (y1 - y0) * scale].map(String));
+}
+
 function stopCamera() {
   camera?.stop();
   camera = null;
@@ -649,6 +932,7 @@ function stopCamera() {
   viewer.dataset.state = "off";
   $("#viewer-message").textContent = "Camera is off";
   $("#overlay-labels").replaceChildren();
+  $("#camera-boxes").replaceChildren();
   toggle.textContent = "Start camera";
   toggle.classList.remove("stop");
 }

@@ -14,7 +14,7 @@ from chunking.messages import Chunk
 from chunking.reassembler import ChunkEvent
 
 if TYPE_CHECKING:
-    from server.pipeline.jobs import Ticket
+    from server.pipeline.jobs import Ticket, TileSpec
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,10 @@ class JobQueue(Protocol):
 
     def submit(
         self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
-        *, job_id: str | None = None,
+        *, job_id: str | None = None, tile: TileSpec | None = None,
     ) -> Ticket:
-        """Queue a job. Raises ProtocolError(busy) when the queue is full."""
+        """Queue a job. Raises ProtocolError(busy) when the queue is full (never for a tile
+        of an upload admitted already)."""
 
     def attach(self, job_id: str) -> Ticket:
         """Follow a job that another gateway submitted (its owner socket moved here)."""

@@ -25,8 +25,10 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from server.settings import Settings
+from server.tasks.builtin.colors import Colors
 from tests.conftest import RunningServer, start_server
 from tests.support.browser_proxy import CuttingProxy
+from tests.support.sample_tasks import BrightSpots
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -383,3 +385,67 @@ def test_cancel_errors_in_words_and_many_files_at_once(page: Any, server_factory
     assert page.locator('.card[data-index="2"] .swatches span').count() >= 3
     expect(page.locator("#summary")).to_have_text("3 files · 1 done · 1 failed · 1 cancelled")
     save_screenshot(page, tmp_path, "browser-errors-and-cancel.png")
+
+
+def spots_image(path: Path, spots: list[tuple[int, int, int, int, int]],
+                size: tuple[int, int] = (1600, 1000)) -> Path:
+    """A dark picture with bright rectangles ``(x0, y0, x1, y1, level)``, as a PNG."""
+    pixels = np.full((size[1], size[0], 3), 20, dtype=np.uint8)
+    for x0, y0, x1, y1, level in spots:
+        pixels[y0:y1, x0:x1] = level
+    Image.fromarray(pixels).save(path, "PNG")
+    return path
+
+
+def test_options_come_from_the_task_schema_and_boxes_are_drawn_over_the_image(
+        page: Any, server_factory: Any, tmp_path: Path) -> None:
+    server = server_factory(tasks=(Colors(), BrightSpots()))
+    open_page(page, server.http_url)
+    page.select_option("#task", "detect")
+    # The form is built from GET /v1/tasks: one field per option, with the schema's bounds.
+    fields = page.locator("#task-options [data-option]")
+    expect(fields).to_have_count(3)
+    threshold = page.locator('[data-option="threshold"]')
+    assert threshold.get_attribute("type") == "number"
+    assert (threshold.get_attribute("min"), threshold.get_attribute("max")) == ("0", "1")
+    expect(threshold).to_have_value("0.5")
+    assert page.locator('[data-option="tiles"]').is_checked()
+    expect(page.locator("#task-about")).to_contain_text("tests/bright-spots")
+    page.fill('[data-option="max_objects"]', "2")
+    page.locator('[data-option="max_objects"]').dispatch_event("change")
+
+    spots = [(100, 120, 260, 300, 250), (900, 500, 1300, 760, 230), (700, 80, 760, 140, 200)]
+    picture = spots_image(tmp_path / "spots.png", spots)
+    page.set_input_files("#file-input", str(picture))
+    [item] = wait_items_done(page, 1)
+    assert item["state"] == "done", item
+    objects = item["result"]["result"]["objects"]
+    # max_objects from the form reached the server: the two brightest spots, where drawn.
+    assert [o["box"] for o in objects] == [[100, 120, 260, 300], [900, 500, 1300, 760]]
+
+    card = page.locator('.card[data-index="0"]')
+    expect(card.locator(".figure figcaption")).to_have_text("2 objects")
+    rects = card.locator(".figure svg rect")
+    expect(rects).to_have_count(2)
+    picture_box = card.locator(".figure img").bounding_box()
+    assert picture_box is not None
+    assert picture_box["width"] > 200
+    scale = picture_box["width"] / 1600
+    for rect, obj in zip(rects.all(), objects, strict=True):
+        drawn = rect.bounding_box()
+        assert drawn is not None
+        x0, y0, x1, y1 = obj["box"]
+        # The box lies over the same pixels of the picture as displayed: the same centre
+        # within 1 px, the same size but for its 2-px outline.
+        centre_x = drawn["x"] + drawn["width"] / 2
+        centre_y = drawn["y"] + drawn["height"] / 2
+        assert abs(centre_x - (picture_box["x"] + (x0 + x1) / 2 * scale)) <= 1
+        assert abs(centre_y - (picture_box["y"] + (y0 + y1) / 2 * scale)) <= 1
+        assert abs(drawn["width"] - (x1 - x0) * scale) <= 3
+        assert abs(drawn["height"] - (y1 - y0) * scale) <= 3
+    expect(card.locator(".figure svg text").first).to_have_text(re.compile(r"^spot \d+%$"))
+    save_screenshot(page, tmp_path, "browser-detect-boxes.png")
+
+    # Back to a task without boxes: its own fields, no figure.
+    page.select_option("#task", "colors")
+    expect(page.locator('[data-option="max_objects"]')).to_have_count(0)

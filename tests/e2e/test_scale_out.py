@@ -9,6 +9,7 @@ it can stop and restart it without touching anyone else's Redis.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import signal
@@ -21,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 import redis as redis_sync
 import websockets
+from PIL import Image
 
 from server.pipeline.stream_worker import StreamWorkerConfig, spawn_worker
 from server.settings import Settings
@@ -32,6 +35,7 @@ from server.storage import keys
 from server.tasks.builtin.colors import Colors
 from tests.conftest import WAIT_S, RunningServer, fast_settings, start_server, unique_image
 from tests.support.gate import GateTask
+from tests.support.sample_tasks import Spots
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
@@ -103,7 +107,7 @@ class Cluster:
     def __init__(self, redis_server: PrivateRedis, lock_path: str, gateways: int, workers: int,
                  overrides: dict[str, Any]) -> None:
         self.redis_server = redis_server
-        self.specs = (Colors(), GateTask(lock_path))
+        self.specs = (Colors(), GateTask(lock_path), Spots())
         self.settings: Settings = fast_settings(
             redis_url=redis_server.url, workers=0, claim_idle_ms=1500, **overrides)
         self.gateways: list[RunningServer] = [
@@ -220,6 +224,28 @@ async def test_a_worker_killed_mid_job_loses_nothing_and_the_client_gets_one_res
         messages += await client.messages_until(is_outcome("after"))
     results = [m for m in messages if m["type"] == "result"]
     assert [m["id"] for m in results] == ["victim", "after"]
+
+
+async def test_a_spatial_tasks_tiles_run_on_the_shared_workers_with_tile_progress(
+    cluster, open_client
+) -> None:
+    (gateway,) = cluster(gateways=1, workers=2).gateways
+    spots = [[5, 5, 15, 15], [105, 60, 115, 70], [288, 188, 298, 198]]
+    pixels = np.zeros((200, 300, 3), np.uint8)
+    for x0, y0, x1, y1 in spots:
+        pixels[y0:y1, x0:x1] = 255
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "PNG")
+    async with open_client(gateway.ws_url) as client:
+        await client.send_upload("big", out.getvalue(), task="spots")
+        messages = await client.messages_until(is_outcome("big"))
+    result = messages[-1]
+    assert result["type"] == "result", result
+    assert result["result"]["spots"] == [[float(v) for v in spot] for spot in spots]
+    assert result["result"]["tiles"] == 24
+    counts = [(m["done"], m["total"]) for m in messages
+              if m["type"] == "progress" and m["stage"] == "inference"]
+    assert counts == [(done, 24) for done in range(25)]
 
 
 async def test_a_second_upload_through_the_other_gateway_is_cached(cluster, open_client) -> None:

@@ -243,6 +243,9 @@ async def test_serve_end_to_end_classifies_and_stops_on_sigint(open_client) -> N
         assert ready["models"]["classify"] == "pixelstream/mobilenet_v2-imagenet"
         workers = {pid for pid in child_pids(process.pid) if is_worker(pid)}
         assert len(workers) == 1
+        # The inference plan is said at start-up, with what the machine chose.
+        assert any("inference: 1 worker(s) x" in line
+                   and "torch_threads, max_batch_size chosen for" in line for line in lines)
 
         image = coffee_jpeg()
         async with open_client(f"ws://127.0.0.1:{port}/v1/ws") as client:

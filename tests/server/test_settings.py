@@ -8,6 +8,7 @@ import pytest
 
 from chunking.limits import Limits
 from server.settings import ENV_PREFIX, Settings
+from server.tuning import machine_plan
 from tests.support.setting_cases import SETTING_CASES
 
 ENV_CASES = SETTING_CASES
@@ -26,7 +27,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.allowed_origins == ()
     assert settings.model is None
     assert settings.spool_dir is None
-    assert settings.workers == 1
+    plan = machine_plan()  # the inference defaults come from the machine (test_tuning)
+    assert (settings.workers, settings.max_batch_size) == (plan.workers, plan.max_batch_size)
 
 
 def test_the_cases_cover_every_field() -> None:

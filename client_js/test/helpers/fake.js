@@ -180,6 +180,8 @@ export class FakeServer {
     this.onChunk = null;
     this.onComplete = null;
     this.onFrame = null;
+    /** The `progress` stages sent once an upload is complete, in order. */
+    this.stages = [{ stage: "queued", position: 1 }, { stage: "decoding" }, { stage: "inference" }];
     this._tokens = 0;
     this.factory = (url) => {
       const socket = new FakeSocket(url, this);
@@ -286,7 +288,7 @@ export class FakeServer {
 
   /** Run the stages and deliver the result (or `outcome`, e.g. an error) to the owner. */
   finish(upload, outcome) {
-    for (const stage of [{ stage: "queued", position: 1 }, { stage: "decoding" }, { stage: "inference" }]) {
+    for (const stage of this.stages) {
       upload.lastStage = { type: "progress", id: upload.id, ...stage };
       if (upload.owner.readyState === 1) upload.owner.push(upload.lastStage);
     }

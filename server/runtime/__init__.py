@@ -1,0 +1,1 @@
+"""The inference runtime: tiling, batching policy, worker supervision."""
