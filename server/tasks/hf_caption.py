@@ -48,6 +48,7 @@ class ImageToText(HFTask):
     name = "caption"
     kind = "image-to-text"
     auto_model = AUTO_CLASSES[0]
+    trace = False  # predict runs its own passes, not HFTask.forward
     Options = CaptionOptions
     Result = results.Caption
 

@@ -67,6 +67,7 @@ class ObjectDetection(HFTask):
     name = "detect"
     kind = "object-detection"
     auto_model = "AutoModelForObjectDetection"
+    trace = False  # predict runs its own passes, not HFTask.forward
     Options = DetectOptions
     Result = results.Objects
 

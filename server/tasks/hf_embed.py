@@ -50,6 +50,7 @@ class ImageFeatureExtraction(HFTask):
     name = "embed"
     kind = "image-feature-extraction"
     auto_model = "AutoModel"
+    trace = False  # predict runs its own passes, not HFTask.forward
     Options = EmbedOptions
     Result = results.Embedding
 

@@ -68,6 +68,7 @@ class ZeroShotImageClassification(HFTask):
     name = "zero-shot"
     kind = "zero-shot-image-classification"
     auto_model = "AutoModel"
+    trace = False  # predict runs its own passes, not HFTask.forward
     Options = ZeroShotOptions
     Result = results.Labels
 
