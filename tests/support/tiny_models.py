@@ -100,7 +100,7 @@ def tiny_detr(folder: Path, *, labels: list[str], seed: int = 0, short_side: int
     return folder
 
 
-def _write_bpe_vocabulary(folder: Path, words: list[str]) -> tuple[Path, Path]:
+def write_bpe_vocabulary(folder: Path, words: list[str]) -> tuple[Path, Path]:
     """A byte-level-BPE vocabulary by hand (CLIP's format): every lowercase letter, alone and
     word-final, the special tokens, and merges that make each of ``words`` one token."""
     import json
@@ -142,7 +142,7 @@ def tiny_clip(folder: Path, *, words: list[str], seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
-        vocab, merges = _write_bpe_vocabulary(Path(scratch), words)
+        vocab, merges = write_bpe_vocabulary(Path(scratch), words)
         tokenizer_cls: Any = CLIPTokenizer
         tokenizer = tokenizer_cls(vocab=str(vocab), merges=str(merges))
         vocab_size = len(tokenizer)
