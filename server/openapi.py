@@ -10,6 +10,7 @@ and method, and checked by a schemathesis run in the tests (tests/server/test_op
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,8 @@ _HEADERS_BY_STATUS: dict[int, dict[str, Any]] = {
     429: {"Retry-After": _RETRY_AFTER},
     503: {"Retry-After": _RETRY_AFTER},
 }
+TUS_PREFIX = "/v1/tus"
+"""tus 1.0's routes: that protocol's own statuses and headers, not described here."""
 _BODY_TIMEOUT = 408
 """The analyze routes' answer to a body that does not arrive in time (code ``bad_message``)."""
 
@@ -139,7 +142,7 @@ def operations(task_names: Iterable[str]) -> dict[tuple[str, str], Operation]:
                         "file": {"type": "string", "format": "binary",
                                  "description": "The image."},
                         "task": form_task,
-                        "options": {"type": "object",
+                        "options": {"type": ["object", "null"],
                                     "description": "The task's options, as JSON text."},
                     },
                 },
@@ -194,7 +197,15 @@ def describe(schema: dict[str, Any], task_names: Iterable[str], *, tokens: bool)
             "bearer": {"type": "http", "scheme": "bearer"},
             "query_token": {"type": "apiKey", "in": "query", "name": "token"},
         }
-    for path, methods in schema.get("paths", {}).items():
+    paths = schema.setdefault("paths", {})
+    for path in [path for path in paths if path.startswith(TUS_PREFIX)]:
+        del paths[path]  # a protocol of its own: docs/protocol.md and the tus 1.0 specification
+    info = schema.setdefault("info", {})
+    info["description"] = (
+        "The plain HTTP routes. Uploads of any size with progress go over the WebSocket "
+        "protocol (`GET /v1/ws`) or tus 1.0 (`/v1/tus/`), both described in docs/protocol.md."
+    )
+    for path, methods in paths.items():
         for method, operation in methods.items():
             spec = known.get((method, path))
             if spec is None:
@@ -219,8 +230,12 @@ def install(app: FastAPI, task_names: Iterable[str], *, tokens: bool) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            generated = get_openapi(title=app.title, version=app.version, summary=app.summary,
-                                    description=app.description, routes=app.routes)
+            with warnings.catch_warnings():
+                # tus routes answer several methods under one name; dropped by describe().
+                warnings.filterwarnings("ignore", "Duplicate Operation ID", UserWarning)
+                generated = get_openapi(title=app.title, version=app.version,
+                                        summary=app.summary, description=app.description,
+                                        routes=app.routes)
             app.openapi_schema = describe(generated, names, tokens=tokens)
         return app.openapi_schema
 
