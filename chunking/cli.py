@@ -96,6 +96,9 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         description="Upload images over one WebSocket, resuming after failures.")
     upload.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     _connection_flags(upload)
+    upload.add_argument("--transport", choices=("auto", "websocket", "tus"), default="auto",
+                        help="websocket, tus (HTTP, where WebSockets are blocked), or auto: "
+                        "the socket, and tus when it cannot be opened (default)")
     upload.add_argument("--concurrency", type=_positive_int, default=4,
                         help="uploads at once (the server's max_uploads caps it too)")
     upload.add_argument("--json", action="store_true", help="one JSON object per file")
@@ -449,6 +452,7 @@ async def _upload(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _url(args), token=_token(args), base64=args.base64, checksum=not args.no_checksum,
         timeout=args.timeout,
         retry_delays=DEFAULT_RETRY_DELAYS if args.retry_delays is None else args.retry_delays,
+        transport=args.transport,
     )
     options = _task_options(args)
     slots = asyncio.Semaphore(args.concurrency)

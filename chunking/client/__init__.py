@@ -15,6 +15,7 @@ concern::
     client      Client: the socket (reopened on demand) and the calls on it
     sync        SyncClient and analyze_sync, for scripts without asyncio
     http        analyze_http: one POST /v1/analyze
+    tus         uploads over tus 1.0 and results over HTTP, where WebSockets are blocked
 
 Use it as::
 
@@ -60,6 +61,7 @@ names and details of the JavaScript client (``client_js``), in snake_case.
 from chunking.client.client import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_URL,
+    TRANSPORTS,
     Client,
     ErrorCallback,
     ResultCallback,
@@ -117,6 +119,7 @@ __all__ = [
     "DEFAULT_URL",
     "ERRORS",
     "RETRYABLE_CODES",
+    "TRANSPORTS",
     "BadBase64Error",
     "BadMessageError",
     "BusyError",

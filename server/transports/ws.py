@@ -1,4 +1,7 @@
-"""``GET /v1/ws``: check the handshake, then read → feed the session → send, until the end.
+"""``GET /v1/ws``: check the handshake, then read → feed the connection → send, until the end.
+
+The protocol itself is :class:`server.protocol.ServerConnection`; this module only moves
+frames: one reader loop feeding it, one sender task flushing what it queues.
 
 The reader loop is where the socket's limits live: before each read it waits for room in the
 process's memory budget (so when the budget is spent no socket is read, and the kernel's TCP
@@ -26,7 +29,7 @@ from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS
 from server.exposure import HANDSHAKE_REFUSED
 from server.logs import bind_log_context
-from server.session import Outbox, Session
+from server.protocol import ServerConnection
 from server.state import AppState
 
 router = APIRouter()
@@ -92,7 +95,52 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await app.client_limits.disconnect(client)
 
 
-async def _next_message(websocket: WebSocket, session: Session, idle_s: float
+SEND_HIGH_WATER = 256
+"""Frames a connection may queue for a peer that does not read before it is no longer read."""
+
+
+class Sender:
+    """Sends what the connection queues, in a task of its own. The reader waits for
+    :meth:`drained` after each message, so a client that does not read stops being read
+    (backpressure)."""
+
+    def __init__(self, high_water: int = SEND_HIGH_WATER) -> None:
+        self.high_water = high_water
+        self.connection: ServerConnection | None = None
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._frames: list[str] = []
+
+    def wake(self) -> None:
+        """The connection queued something (its ``on_output``)."""
+        self._ready.set()
+        if self.connection is not None and self.connection.pending > self.high_water:
+            self._drained.clear()
+
+    async def drained(self) -> None:
+        await self._drained.wait()
+
+    async def run(self, websocket: WebSocket) -> None:
+        """Send queued frames until cancelled (or the socket fails)."""
+        assert self.connection is not None
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while frames := self.connection.data_to_send():
+                    for frame in frames:
+                        await websocket.send_text(frame)
+                    if self.connection.pending <= self.high_water // 2:
+                        self._drained.set()
+        finally:
+            # Nothing will drain the queue now: wake a reader waiting on drained(), so it sees
+            # the sender gone and ends the session (else it would wait for ever, holding the
+            # connection's place and its uploads).
+            self._drained.set()
+
+
+async def _next_message(websocket: WebSocket, session: ServerConnection, idle_s: float
                         ) -> MutableMapping[str, Any] | None:
     """The next ASGI event, or None once the socket has been idle for ``idle_s``: no message
     from the client, no outcome sent to it, and nothing it waits for being worked on."""
@@ -111,8 +159,9 @@ async def _next_message(websocket: WebSocket, session: Session, idle_s: float
 
 
 async def _serve(websocket: WebSocket, app: AppState, principal: str | None, client: str) -> None:
-    outbox = Outbox()
-    session = Session(app, outbox, principal, client)
+    outbox = Sender()
+    session = ServerConnection(app, principal, client, on_output=outbox.wake)
+    outbox.connection = session
     bind_log_context(session=session.key)  # uvicorn's "accepted" line carries it too
     await websocket.accept()
     sender = asyncio.create_task(outbox.run(websocket), name="ws-sender")
@@ -151,6 +200,7 @@ async def _serve(websocket: WebSocket, app: AppState, principal: str | None, cli
                     await session.receive_binary(data)
             finally:
                 budget.release(size)
+            await outbox.drained()
             del text, data, message
             if sender.done():
                 reason = "send_failed"
