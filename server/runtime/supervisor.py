@@ -16,6 +16,7 @@ killed. Once stopping begins (:meth:`Supervisor.begin_stop`), nothing is replace
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -59,6 +60,10 @@ class Supervisor:
         self.processes: list[BaseProcess | None] = [None] * count
         self.stopping = False
         self.restarts = 0
+        # At interpreter exit, multiprocessing terminates (SIGTERM) then joins its children:
+        # workers ignore SIGTERM, so any left running are killed first (atexit runs this
+        # before multiprocessing's own handler, registered earlier).
+        atexit.register(self._kill_leftovers)
 
     @property
     def context(self) -> Any:
@@ -102,6 +107,13 @@ class Supervisor:
     def begin_stop(self) -> None:
         """From now on nothing is replaced."""
         self.stopping = True
+
+    def _kill_leftovers(self) -> None:
+        self.stopping = True
+        for process in self.processes:
+            if process is not None and process.is_alive():
+                process.kill()
+                process.join(5)
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Stop every worker: each ends its current batch, or is killed after ``grace_s``."""
