@@ -149,6 +149,10 @@ class Registry:
         self._described = described
         return described
 
+    def changed(self) -> None:
+        """A task's model changed (a revision switched): describe it afresh."""
+        self._described = None
+
 
 # Building tasks -----------------------------------------------------------------------------
 
@@ -236,15 +240,29 @@ def task_from_table(name: str, table: Mapping[str, Any]) -> TaskEntry:
             raise ValueError(f'kind "{kind}" needs model = "<a local model folder>"')
         if "entry" in table:
             raise ValueError(f'kind "{kind}" takes no entry')
-        hf_task = KINDS[kind](model, name=name, **args)
         try:
-            hf_task.check_folder()
+            task = _hf_task(kind, model, name, args)
         except ModelFolderError as exc:
             raise ValueError(str(exc)) from None
-        task = hf_task
     else:
         raise ValueError(f"unknown kind {kind!r}; known: {PYTHON_KIND}, {', '.join(KINDS)}")
     return TaskEntry(task, serving, origin="tasks file")
+
+
+def _hf_task(kind: str, model: str, name: str, args: Mapping[str, Any]) -> Task:
+    """A Hugging Face kind's task; a classifier over a folder of versions
+    (``MODELS/<name>``, see :mod:`server.models.store`) follows its active revision."""
+    from server.models.store import is_versions_folder
+
+    if kind == "image-classification" and is_versions_folder(model):
+        from server.models.versioned import VersionedClassification
+
+        versioned = VersionedClassification(model, name=name, **args)
+        versioned.check_folder()
+        return versioned
+    hf_task = KINDS[kind](model, name=name, **args)
+    hf_task.check_folder()
+    return hf_task
 
 
 def read_tasks_file(path: Path) -> list[TaskEntry]:
