@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from server.cli import main
 from server.models.store import ModelVersions
 from tests.conftest import fast_settings, start_server, unique_image
 
@@ -85,9 +86,9 @@ async def test_a_rollout_under_load_fails_no_request(
     before = [r for sent, done, r in answers if done < rolled_out[0]]
     between = [r for sent, done, r in answers if sent > rolled_out[1] and done < rolled_back[0]]
     after = [r for sent, done, r in answers if sent > rolled_back[1]]
-    assert before and set(before) == {first}
-    assert between and set(between) == {second}  # switched atomically: nothing old after
-    assert after and set(after) == {first}
+    assert set(before) == {first}
+    assert set(between) == {second}  # switched atomically: nothing old after
+    assert set(after) == {first}
 
 
 async def test_the_admin_routes_list_refuse_and_keep_the_old_revision_on_errors(
@@ -119,6 +120,11 @@ async def test_the_admin_routes_list_refuse_and_keep_the_old_revision_on_errors(
         tasks = (await http.get(url + "/v1/tasks")).json()["tasks"]
         assert next(t for t in tasks if t["name"] == "classify")["revision"] == second
         assert (await classify(http, url))["revision"] == second
+    # the command line's --server does the same through the routes
+    command = ["models", "rollback", "shapes", "--server", url, "--token", TOKEN]
+    assert await asyncio.to_thread(main, command) == 0
+    assert store.active() == first
+    assert await asyncio.to_thread(main, ["models", "list", "--server", url, "--token", "x"]) == 1
 
 
 def test_the_admin_routes_are_off_without_a_token(

@@ -70,3 +70,23 @@ def test_add_refuses_a_folder_that_is_no_model(tmp_path: Path) -> None:
         ModelVersions(tmp_path / "m").add(tmp_path)
     with pytest.raises(VersionError, match="model name"):
         ModelVersions.under(tmp_path, "../evil")
+
+
+def test_the_command_line_on_the_folder(versions: tuple[ModelVersions, str, str],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    store, first, second = versions
+    root = str(store.folder.parent)
+    assert main(["models", "list", "--root", root]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == "shapes"
+    assert listed[1].startswith(f"  * {first}")
+    assert listed[2].startswith(f"    {second}")
+    assert main(["models", "activate", "shapes", second[:7], "--root", root]) == 0
+    assert capsys.readouterr().out == f"shapes {second} is active\n"
+    assert main(["models", "rollback", "shapes", "--root", root]) == 0
+    assert store.active() == first
+    assert main(["models", "rollback", "shapes", "--root", root]) == 2
+    assert "no earlier revision" in capsys.readouterr().err
+    assert main(["models", "activate", "shapes", "beefbeef", "--root", root]) == 2
