@@ -3,10 +3,12 @@ process, with the torch threads a pixelstream worker gets. Run by :mod:`bench.in
 subprocess (so the benchmark process never imports torch)::
 
     python -m bench.model_alone IMAGE --threads 1 --batch 8 --seconds 5 [--malloc default]
+        [--model eager]
 
 Prints one JSON object: images per second, per-batch latency percentiles (ms), and per image
 the minor page faults and the CPU time (user and system, ms) of the process. ``--malloc
-default`` skips the worker's malloc tuning (:func:`server.tuning.tune_worker_malloc`).
+default`` skips the worker's malloc tuning (:func:`server.tuning.tune_worker_malloc`);
+``--model eager`` skips the traced, optimized forward pass.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
+    parser.add_argument("--model", choices=["optimized", "eager"], default="optimized")
     args = parser.parse_args()
     if args.malloc == "tuned":  # as worker_main does
         from server.tuning import tune_worker_malloc
@@ -42,6 +45,8 @@ def main() -> None:
 
     data = Path(args.image).read_bytes()
     analyzer = ImageClassification()
+    if args.model == "eager":
+        analyzer.trace = False
     analyzer.setup("cpu")
     options = parse_options(analyzer, {"top_k": 5})
 

@@ -28,10 +28,10 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from server import http_api
 from server.cli import build_parser
 from server.pipeline import model_store
 from server.settings import ENV_PREFIX, Settings
+from server.transports import http as http_api
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

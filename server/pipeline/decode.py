@@ -17,9 +17,11 @@ formats: JPEG (incl. MPO), PNG (incl. APNG), GIF, WebP, BMP, TIFF.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +36,15 @@ from server.tasks.contract import DecodeHint
 __all__ = [
     "SUPPORTED_FORMATS",
     "DecodedImage",
+    "Header",
     "ImageInfo",
     "check_pixels",
+    "deadline_error",
     "decode",
+    "header_of",
+    "orientation_method",
     "probe",
+    "read_orientation",
 ]
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -112,6 +119,18 @@ class DecodedImage:
 
 def _invalid(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_IMAGE, message)
+
+
+def deadline_error(deadline_s: float) -> ProtocolError:
+    """The answer to a decode stopped at its deadline: the image costs too much to decode."""
+    return ProtocolError(
+        ErrorCode.TOO_MANY_PIXELS,
+        f"decoding the image took longer than {deadline_s:g} s and was stopped",
+    )
+
+
+class _DeadlinePassed(Exception):
+    """Raised by a reader when its decode's deadline has passed, to stop the decoder."""
 
 
 def check_pixels(info: ImageInfo, max_pixels: int) -> None:
@@ -468,6 +487,7 @@ def decode(
     max_pixels: int,
     hint: DecodeHint,
     wait_for: WaitFor = _arrived,
+    deadline_s: float | None = None,
 ) -> DecodedImage:
     """Decode a whole image file into an RGB Pillow image no larger than the model needs.
 
@@ -492,6 +512,10 @@ def decode(
     width and height as the header gives them (what the client sent; a model sees the upright
     image).
 
+    ``deadline_s``: the decode stops once it has run that long (checked whenever the decoder
+    reads, so within one read's work) and raises ``too_many_pixels``; time spent in
+    ``wait_for`` counts too.
+
     Raises ``ProtocolError``: ``too_many_pixels`` over ``max_pixels`` (or over Pillow's own
     ``2 * Image.MAX_IMAGE_PIXELS``, whichever is lower); ``invalid_image`` for anything not a
     whole, decodable image of a supported format, truncated data included (never padded).
@@ -503,11 +527,14 @@ def decode(
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
     if hint.min_short_side is not None and hint.min_short_side < 1:
         raise ValueError("hint.min_short_side must be positive or None")
+    give_up_at = None if deadline_s is None else time.monotonic() + deadline_s
     if isinstance(data, (str, os.PathLike)):
         with open(data, "rb") as file:
             fp = file if wait_for is _arrived else cast(IO[bytes], _WaitingFile(file, wait_for))
             header = _header(_FileSource(fp), max_pixels)
-            return _decode_file(fp, header, max_pixels, hint.min_short_side)
+            if give_up_at is not None:
+                fp = cast(IO[bytes], _DeadlineReader(fp, give_up_at))
+            return _decode_file(fp, header, max_pixels, hint.min_short_side, deadline_s)
     view = _byte_view(data)
     header = _header(_BufferSource(view, wait_for), max_pixels)
     # BytesIO shares a bytes object's memory; other buffers get the zero-copy reader.
@@ -516,7 +543,37 @@ def decode(
         reader = io.BytesIO(data)
     else:
         reader = cast(IO[bytes], _BufferReader(view, wait_for))
-    return _decode_file(reader, header, max_pixels, hint.min_short_side)
+    if give_up_at is not None:
+        reader = cast(IO[bytes], _DeadlineReader(reader, give_up_at))
+    return _decode_file(reader, header, max_pixels, hint.min_short_side, deadline_s)
+
+
+class _DeadlineReader(_Reader):
+    """Passes reads through until ``give_up_at`` (``time.monotonic``), then stops the
+    decoder: Pillow's decoders read a block at a time, so none runs long past it."""
+
+    def __init__(self, inner: IO[bytes], give_up_at: float) -> None:
+        super().__init__()
+        self._inner = inner
+        self._give_up_at = give_up_at
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if time.monotonic() > self._give_up_at:
+            raise _DeadlinePassed
+        return self._inner.read(-1 if size is None else size)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the header of an image file says, read before any pixel is decoded."""
+
+    info: ImageInfo
 
 
 def _header(src: _Source, max_pixels: int) -> ImageInfo:
@@ -527,8 +584,47 @@ def _header(src: _Source, max_pixels: int) -> ImageInfo:
     return info
 
 
+def header_of(data: str | bytes | memoryview, max_pixels: int) -> Header:
+    """Read and check a whole file's header (a path, or the file's bytes): the same checks
+    :func:`decode` makes before decoding. Raises ``ProtocolError`` as :func:`decode` does."""
+    if isinstance(data, str):
+        with open(data, "rb") as file:
+            return Header(_header(_FileSource(file), max_pixels))
+    return Header(_header(_BufferSource(_byte_view(data)), max_pixels))
+
+
+def orientation_method(orientation: int) -> Image.Transpose | None:
+    """The transpose that shows pixels stored with EXIF ``orientation`` upright (None: 1)."""
+    return _ORIENTATION.get(orientation)
+
+
+def read_orientation(data: str | bytes | memoryview, header: Header) -> int:
+    """The EXIF orientation (1..8) from the metadata at the front of a file, without
+    decoding pixels; 1 when there is none or it is damaged. A PNG's eXIf chunk counts only
+    before its pixel data (reading further would mean decoding)."""
+    fmt = header.info.format
+    if fmt not in ("JPEG", "PNG", "TIFF", "WEBP"):
+        return 1
+    try:
+        with contextlib.ExitStack() as stack, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fp: IO[bytes]
+            if isinstance(data, str):
+                fp = stack.enter_context(open(data, "rb"))
+            else:
+                fp = cast(IO[bytes], _BufferReader(_byte_view(data)))
+            image = stack.enter_context(Image.open(fp, formats=[fmt]))
+            if fmt == "PNG" and "exif" not in image.info:
+                return 1  # Pillow would decode the whole image to look behind it
+            value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def _decode_file(
-    fp: IO[bytes], header: ImageInfo, max_pixels: int, min_short: int | None
+    fp: IO[bytes], header: ImageInfo, max_pixels: int, min_short: int | None,
+    deadline_s: float | None = None,
 ) -> DecodedImage:
     try:
         with warnings.catch_warnings():
@@ -546,6 +642,8 @@ def _decode_file(
             return _decode_opened(image, header, max_pixels, min_short)
     except ProtocolError:
         raise
+    except _DeadlinePassed:
+        raise deadline_error(deadline_s or 0.0) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         raise ProtocolError(

@@ -10,7 +10,8 @@ A tasks file names the kind and the folder::
 without loading it, the decode size from ``preprocessor_config.json``, loading with the
 kind's ``Auto*`` class onto the device, batching through the image processor); a kind is one
 small subclass that says which ``Auto*`` class it loads, what its options and result are,
-and how one output becomes the protocol's result. :data:`KINDS` maps kind names to them.
+and how one output becomes the protocol's result. :data:`server.tasks.hf_kinds.KINDS` maps
+kind names to them.
 
 Importing this module is cheap: torch and transformers are imported in :meth:`HFTask.setup`.
 """
@@ -32,8 +33,9 @@ from server.pipeline.model_store import (
     resolve_model,
 )
 from server.tasks import results
-from server.tasks.contract import DecodeHint, ModelInfo, Task, TaskOptions, View
+from server.tasks.contract import DecodeHint, ModelInfo, Task, TaskOptions, View, parse_options
 from server.tasks.hf_fast import FastPreprocessor, optimize_for_cpu
+from server.tasks.optimize import TracedForward, trace_forward
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000
@@ -87,6 +89,15 @@ def decode_hint_from_processor(config: Mapping[str, Any]) -> DecodeHint:
     return DecodeHint(min_short_side=side)
 
 
+def groups_of_equal(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices of equal keys, each group in order, groups in order of first appearance: the
+    items of a batch that can share one forward pass (same tensor shape, same options)."""
+    found: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        found.setdefault(key, []).append(index)
+    return list(found.values())
+
+
 class ModelFolderError(ValueError):
     """A task's model folder is missing or unreadable (said before anything loads)."""
 
@@ -99,6 +110,10 @@ class HFTask(Task):
     """The transformers ``Auto*`` class that loads the kind's models."""
     default_decode: ClassVar[DecodeHint] = DecodeHint(min_short_side=None)
     """The decode size when the folder's processor does not say."""
+    trace: bool = True
+    """On CPU, run :meth:`forward` as a traced, frozen TorchScript module optimized for
+    inference (:mod:`server.tasks.optimize`), where it answers as the eager model does. Kinds
+    that override :meth:`forward` stay eager."""
 
     def __init__(self, model: str | None = None, *, name: str | None = None) -> None:
         self.model_path = model
@@ -108,12 +123,14 @@ class HFTask(Task):
         self.device = "cpu"
         self.net: Any = None
         self.processor: Any = None
+        self.processor_path: str | None = None
+        self.traced: TracedForward | None = None
         self.decode = self._initial_decode()
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers receive the task before setup: never ship loaded weights through a pipe.
         state = dict(self.__dict__)
-        state["net"] = state["processor"] = None
+        state["net"] = state["processor"] = state["traced"] = None
         return state
 
     @property
@@ -149,27 +166,44 @@ class HFTask(Task):
         folder = self.folder
         return _read_json(folder / "config.json") if folder is not None else None
 
-    def _initial_decode(self) -> DecodeHint:
+    def image_processor_config(self) -> dict[str, Any] | None:
+        """The folder's image processor settings: ``preprocessor_config.json``, or the
+        ``image_processor`` of a combined ``processor_config.json`` (CLIP, BLIP...)."""
         folder = self.folder
-        processor = _read_json(folder / "preprocessor_config.json") if folder else None
+        if folder is None:
+            return None
+        config = _read_json(folder / "preprocessor_config.json")
+        if config is None:
+            nested = (_read_json(folder / "processor_config.json") or {}).get("image_processor")
+            config = nested if isinstance(nested, dict) else None
+        return config
+
+    def _initial_decode(self) -> DecodeHint:
+        processor = self.image_processor_config()
         return decode_hint_from_processor(processor) if processor else self.default_decode
 
     # Worker side --------------------------------------------------------------------------------
 
     def setup(self, device: str) -> None:
-        import transformers
-
         path, _ = resolve_model(self.model_path)
-        auto_model: Any = getattr(transformers, self.auto_model)
         with quiet_transformers():
-            net = auto_model.from_pretrained(path)
+            net = self.load_model(path)
             processor = self.load_processor(path)
         net.eval()
         net.to(device)
         self.device = device
         self.net = net
         self.processor = processor
-        self.loaded()
+        self.processor_path = path
+        with quiet_transformers():
+            self.loaded()
+        self.traced = self._traced_forward()
+
+    def load_model(self, path: str) -> Any:
+        import transformers
+
+        auto_model: Any = getattr(transformers, self.auto_model)
+        return auto_model.from_pretrained(path)
 
     def load_processor(self, path: str) -> Any:
         from transformers import AutoImageProcessor
@@ -179,6 +213,23 @@ class HFTask(Task):
 
     def loaded(self) -> None:
         """Called at the end of :meth:`setup`, once ``net`` and ``processor`` are set."""
+
+    def _traced_forward(self) -> TracedForward | None:
+        """The optimized forward pass, for items of the shape :meth:`preprocess` gives a
+        photo; None where it does not apply or does not answer as the eager model does."""
+        if not (self.trace and self.device == "cpu" and type(self).forward is HFTask.forward):
+            return None
+        import torch
+        from PIL import Image
+
+        photo = Image.new("RGB", (640, 480), (128, 128, 128))
+        try:
+            item = self.preprocess(View.whole(photo, photo.size), parse_options(self, {}))
+        except Exception:  # a kind whose preprocessing needs more than a photo
+            return None
+        if not isinstance(item, torch.Tensor) or item.dim() != 3:
+            return None
+        return trace_forward(self.net, tuple(item.shape), dtype=item.dtype, name=self.name)
 
     def _require_loaded(self) -> None:
         if self.net is None:
@@ -196,8 +247,11 @@ class HFTask(Task):
 
         self._require_loaded()
         pixels = batch[0].unsqueeze(0) if len(batch) == 1 else torch.stack(list(batch))
+        pixels = pixels.to(self.device)
         with torch.inference_mode():
-            return self.net(pixel_values=pixels.to(self.device))
+            if self.traced is not None and self.traced.accepts(pixels):
+                return self.traced(pixels)
+            return self.net(pixel_values=pixels)
 
 
 # image-classification ---------------------------------------------------------------------------
@@ -220,7 +274,8 @@ class ImageClassification(HFTask):
     ``fast_preprocess``: use :class:`FastPreprocessor` where the processor allows it (the
     bundled model does); ``optimize``: for MobileNet models, fold BatchNorm into the
     convolutions and use channels-last (about 1.4x faster per image on CPU, logits within
-    1e-4 of the unmodified network).
+    1e-4 of the unmodified network), then trace the forward pass (:attr:`HFTask.trace`);
+    ``optimize=False`` runs the unmodified eager network.
     """
 
     name = "classify"
@@ -233,6 +288,7 @@ class ImageClassification(HFTask):
         super().__init__(model, name=name)
         self.fast_preprocess = fast_preprocess
         self.optimize = optimize
+        self.trace = optimize
         self.labels: list[str] = []
         self._fast: FastPreprocessor | None = None
         self._multi_label = False
@@ -313,9 +369,3 @@ class ImageClassification(HFTask):
              "score": round(float(probs[i]), 6)}
             for i in order.tolist()
         ]}
-
-
-KINDS: dict[str, type[HFTask]] = {
-    "image-classification": ImageClassification,
-}
-"""Hugging Face pipeline task names → the class that serves them."""

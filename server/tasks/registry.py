@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from server.tasks.contract import Task, check_contract, json_schemas
-from server.tasks.hf import KINDS, HFTask, ModelFolderError
+from server.tasks.hf import HFTask, ModelFolderError
+from server.tasks.hf_kinds import KINDS
 
 log = logging.getLogger("pixelstream.tasks")
 
@@ -244,6 +245,8 @@ def task_from_table(name: str, table: Mapping[str, Any]) -> TaskEntry:
             task = _hf_task(kind, model, name, args)
         except ModelFolderError as exc:
             raise ValueError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"args do not fit kind {kind!r}: {exc}") from None
     else:
         raise ValueError(f"unknown kind {kind!r}; known: {PYTHON_KIND}, {', '.join(KINDS)}")
     return TaskEntry(task, serving, origin="tasks file")

@@ -414,14 +414,22 @@ def test_options_come_from_the_task_schema_and_boxes_are_drawn_over_the_image(
     page.fill('[data-option="max_objects"]', "2")
     page.locator('[data-option="max_objects"]').dispatch_event("change")
 
-    spots = [(100, 120, 260, 300, 250), (900, 500, 1300, 760, 230), (700, 80, 760, 140, 200)]
+    spots = [(100, 120, 260, 300, 250), (900, 500, 1100, 690, 230), (700, 80, 760, 140, 200)]
     picture = spots_image(tmp_path / "spots.png", spots)
     page.set_input_files("#file-input", str(picture))
     [item] = wait_items_done(page, 1)
     assert item["state"] == "done", item
     objects = item["result"]["result"]["objects"]
-    # max_objects from the form reached the server: the two brightest spots, where drawn.
-    assert [o["box"] for o in objects] == [[100, 120, 260, 300], [900, 500, 1300, 760]]
+    # max_objects from the form reached the server: the two brightest spots, where drawn,
+    # whole although tile edges cut through them (512-px tiles over 1600 x 1000 pixels;
+    # each spot lies whole in at least one tile).
+    assert [o["box"] for o in objects] == [[100, 120, 260, 300], [900, 500, 1100, 690]]
+    tiles = [e for e in events_of(page, 0) if e["kind"] == "stage" and e.get("total")]
+    assert tiles, "no tile counts reached the page"
+    assert {e["total"] for e in tiles} == {15}
+    done = [e["done"] for e in tiles]
+    assert done == sorted(done)
+    assert done[-1] == 15
 
     card = page.locator('.card[data-index="0"]')
     expect(card.locator(".figure figcaption")).to_have_text("2 objects")

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from websockets.exceptions import InvalidStatus
@@ -356,6 +357,38 @@ async def test_a_message_beyond_the_transport_limit_closes_only_that_socket_1009
             await raw.send_raw(frame_bytes(OP_TEXT, b"", length=limit + 1))
             async with asyncio.timeout(WAIT_S):
                 assert await raw.closed() == 1009
+
+    await alongside(server, open_client, hostile)
+
+
+# Exposure ---------------------------------------------------------------------------------------
+
+
+async def test_a_dns_rebinding_page_reaches_nothing(server, open_client) -> None:
+    """A page of evil.example whose name now resolves to this server's address: its requests
+    carry ``Host: evil.example`` and its own Origin, so to the browser they are same-origin.
+    The socket, the analyze routes and the metrics all refuse that name."""
+    rebound = {"Host": f"evil.example:{server.port}",
+               "Origin": f"http://evil.example:{server.port}"}
+
+    async def hostile(_: ProtocolClient) -> None:
+        async with RawWebSocket.connect(server.port, headers=rebound) as raw:
+            response = await raw.handshake_response()
+            assert response.status_code == 400
+            assert orjson.loads(response.body)["code"] == "forbidden_host"
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as http:
+            image = b64(make_image(16, 16, seed=3))
+            for method, path, body in (("POST", "/api/analyze", {"image": image}),
+                                       ("GET", "/metrics", None), ("GET", "/", None)):
+                answer = await http.request(method, path, json=body, headers=rebound)
+                assert answer.status_code == 400, (path, answer.text)
+                assert answer.json()["code"] == "forbidden_host"
+                assert "pixelstream_" not in answer.text
+            # A TLS page of the server's own name may not drive a plain-HTTP server either:
+            # the Origin's scheme must be the request's.
+            tls_page = {"Origin": f"https://127.0.0.1:{server.port}"}
+            answer = await http.post("/api/analyze", json={"image": image}, headers=tls_page)
+            assert (answer.status_code, answer.json()["code"]) == (403, "forbidden_origin")
 
     await alongside(server, open_client, hostile)
 

@@ -153,7 +153,7 @@ class BrightSpots(Task):
 
     name = "detect"
     Options = SpotOptions
-    tiling = Tiling(size=512, overlap=64)
+    tiling = Tiling(size=512, overlap=224)  # spots up to 224 px lie whole in a tile
 
     @property
     def model(self) -> ModelInfo:
@@ -179,8 +179,10 @@ class BrightSpots(Task):
 
     def merge(self, parts: Sequence[dict[str, Any]], original: tuple[int, int],
               options: Any) -> dict[str, Any]:
-        # A spot inside two tiles' overlap is found twice, with the same box.
-        unique = {tuple(o["box"]): o for part in parts for o in part["objects"]}
-        objects = list(unique.values())
-        objects.sort(key=lambda o: (-o["score"], o["box"]))
-        return {"objects": objects[: options.max_objects]}
+        from server.tasks.spatial import area, suppress_duplicates
+
+        # Largest first: a spot a tile's edge cut off lies inside the whole one a neighbour saw.
+        found = [o for part in parts for o in part["objects"]]
+        kept = suppress_duplicates(found, box=lambda o: o["box"], rank=lambda o: area(o["box"]))
+        kept.sort(key=lambda o: (-o["score"], o["box"]))
+        return {"objects": kept[: options.max_objects]}
