@@ -100,7 +100,7 @@ def tiny_detr(folder: Path, *, labels: list[str], seed: int = 0, short_side: int
     return folder
 
 
-def _write_bpe_vocabulary(folder: Path, words: list[str]) -> tuple[Path, Path]:
+def write_bpe_vocabulary(folder: Path, words: list[str]) -> tuple[Path, Path]:
     """A byte-level-BPE vocabulary by hand (CLIP's format): every lowercase letter, alone and
     word-final, the special tokens, and merges that make each of ``words`` one token."""
     import json
@@ -142,7 +142,7 @@ def tiny_clip(folder: Path, *, words: list[str], seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
-        vocab, merges = _write_bpe_vocabulary(Path(scratch), words)
+        vocab, merges = write_bpe_vocabulary(Path(scratch), words)
         tokenizer_cls: Any = CLIPTokenizer
         tokenizer = tokenizer_cls(vocab=str(vocab), merges=str(merges))
         vocab_size = len(tokenizer)
@@ -206,5 +206,24 @@ def tiny_captioner(folder: Path, *, words: list[str], seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     processor: Any = ViTImageProcessor(size={"height": 32, "width": 32})
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_yolos(folder: Path, *, labels: list[str], seed: int = 0) -> Path:
+    """A 2-layer YOLOS detector (a ViT with detection tokens) on 64-px inputs."""
+    import torch
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    torch.manual_seed(seed)
+    config_cls: Any = YolosConfig
+    config = config_cls(
+        image_size=[64, 96], patch_size=16, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_detection_tokens=10,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+    )
+    model: Any = YolosForObjectDetection(config)
+    model.save_pretrained(folder)
+    processor: Any = YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
     processor.save_pretrained(folder)
     return folder

@@ -24,7 +24,7 @@ from server.tasks.contract import (
 )
 from server.tasks.hf_detect import DEFAULT_MAX_OBJECTS, Detections, ObjectDetection
 from server.tasks.spatial import tile_boxes
-from tests.support.tiny_models import tiny_detr
+from tests.support.tiny_models import tiny_detr, tiny_yolos
 
 LABELS = ["cat", "dog", "car"]
 
@@ -199,3 +199,18 @@ def test_encode_caps_a_whole_image_but_not_a_tile(folder: Path) -> None:
     assert task.encode(output, tile, parsed) == {"objects": [
         {"label": "cat", "score": 0.9, "box": [64.0, 0.0, 74.0, 10.0]},
         {"label": "dog", "score": 0.8, "box": [84.0, 20.0, 94.0, 30.0]}]}
+
+
+def test_a_yolos_folder_answers_in_original_pixels(tmp_path: Path) -> None:
+    """YOLOS (a ViT with detection tokens, no backbone) through the same kind."""
+    task = ObjectDetection(str(tiny_yolos(tmp_path / "tiny-yolos", labels=LABELS)))
+    task.setup("cpu")
+    original = (300, 200)
+    decoded = noise(*original, seed=8).resize((150, 100), Image.Resampling.BILINEAR)
+    view = View.whole(decoded, original)
+    objects = detect(task, view, threshold=0.0, max_objects=1000)
+    scores, boxes = expected_boxes(task, decoded, original)
+    got = sorted((o["score"], *o["box"]) for o in objects)
+    want = sorted((round(float(s), 6), *(round(float(v), 1) for v in b))
+                  for s, b in zip(scores, boxes, strict=True))
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=0.15)

@@ -23,6 +23,7 @@ from server.tasks.hf_embed import ImageFeatureExtraction
 from server.tasks.hf_kinds import KINDS
 from server.tasks.hf_zero_shot import ZeroShotImageClassification
 from server.tasks.registry import TasksFileError, load_registry, read_tasks_file, verify_setup
+from server.tasks.spatial import tile_boxes
 from tests.conftest import RunningServer, fast_settings, start_server, unique_image
 from tests.support.tiny_models import tiny_captioner, tiny_clip, tiny_detr, tiny_vit_features
 
@@ -190,10 +191,18 @@ async def test_served_tasks_are_listed(served: RunningServer) -> None:
 
 
 @pytest_asyncio_marks
+@pytest.mark.parametrize("tiles", [True, False])
 async def test_detect_over_the_socket_answers_in_original_pixels(
-        served: RunningServer, open_client: Callable[..., Any]) -> None:
-    message = await ask(served, open_client, "detect", {"threshold": 0.0, "max_objects": 5},
-                        unique_image(300, 200, "JPEG"))
+        served: RunningServer, open_client: Callable[..., Any], tiles: bool) -> None:
+    """A 300x200 image is larger than the tiny detector's 64-px tiles: with tiles, every
+    tile runs as a job (progress counts them), and the merged boxes are in original pixels."""
+    async with open_client(served.ws_url) as client:
+        await client.send_upload("u1", unique_image(300, 200, "JPEG"), task="detect",
+                                 options={"threshold": 0.0, "max_objects": 5, "tiles": tiles})
+        seen = await client.messages_until(
+            lambda m: m.get("id") == "u1" and m.get("type") in ("result", "error"))
+    message = seen[-1]
+    assert message["type"] == "result", message
     assert message["model"] == "tiny-detr"
     objects = results.Objects.model_validate(message["result"]).objects
     assert 1 <= len(objects) <= 5
@@ -202,6 +211,15 @@ async def test_detect_over_the_socket_answers_in_original_pixels(
         assert 0 <= x0 < x1 <= 300
         assert 0 <= y0 < y1 <= 200
         assert found.label in DETECTED
+    counts = [(m["done"], m["total"]) for m in seen
+              if m.get("stage") == "inference" and "total" in m]
+    if tiles:
+        total = len(tile_boxes(300, 200, 64, 16))
+        assert counts
+        assert {count[1] for count in counts} == {total}
+        assert counts[-1][0] == total
+    else:
+        assert counts == []
 
 
 @pytest_asyncio_marks
