@@ -11,6 +11,9 @@ import pytest
 
 from server.cli import main
 from server.models.store import ModelVersions
+from server.models.versioned import VersionedClassification
+from server.tasks.builtin import builtin_tasks
+from server.tasks.contract import Task
 from tests.conftest import fast_settings, start_server, unique_image
 
 TOKEN = "admin-s3cret"
@@ -18,10 +21,18 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LABELS = {"a": {"a1", "a2"}, "b": {"b1", "b2"}}
 
 
+def served(model: str) -> list[Task]:
+    """The classify task ``--model MODELS/<name>`` gives (the other built-ins load slowly)."""
+    classify = builtin_tasks(model)[0]
+    assert isinstance(classify, VersionedClassification)
+    return [classify]
+
+
 @pytest.fixture
 def server(versions: tuple[ModelVersions, str, str]) -> Any:
     store, _, _ = versions
-    running = start_server(fast_settings(model=str(store.folder), admin_token=TOKEN))
+    running = start_server(fast_settings(model=str(store.folder), admin_token=TOKEN),
+                           tasks=served(str(store.folder)))
     yield running
     running.stop()
 
@@ -130,7 +141,8 @@ async def test_the_admin_routes_list_refuse_and_keep_the_old_revision_on_errors(
 def test_the_admin_routes_are_off_without_a_token(
         versions: tuple[ModelVersions, str, str]) -> None:
     store, _, second = versions
-    running = start_server(fast_settings(model=str(store.folder)))
+    running = start_server(fast_settings(model=str(store.folder)),
+                           tasks=served(str(store.folder)))
     try:
         refused = httpx.post(running.http_url + "/v1/admin/models/shapes/activate",
                              headers=AUTH, json={"revision": second})
