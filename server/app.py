@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from server import docs, exposure
+from server import docs, exposure, openapi
 from server.analysis import AnalysisService
 from server.auth import HostPolicy, TokenAuth
 from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
@@ -321,6 +321,7 @@ def create_app(
     from server.models import admin as model_admin
 
     app.include_router(model_admin.router)
+    openapi.install(app, [entry.task.name for entry in registry.entries], tokens=auth.required)
     # The demo page's assets; static/client links to client_js/src, so the page loads the
     # very files of the browser library (symlinks inside the folder are followed).
     from pathlib import Path

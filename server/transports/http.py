@@ -257,6 +257,9 @@ async def analyze_multipart(request: Request) -> Response:
 async def _analyze_form(app: AppState, form: Any, principal: str | None) -> Response:
     """The multipart route's work once its form is parsed (and closed afterwards)."""
     try:
+        for name in ("file", "task", "options"):
+            if len(form.getlist(name)) > 1:  # one would be picked silently: refuse instead
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"the form has more than one {name!r}")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "the form needs a 'file' field")

@@ -307,3 +307,13 @@ async def test_an_upload_over_the_memory_budget_is_busy(server_factory) -> None:
         assert first.status_code == 201
         second = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "1000"})
         assert (second.status_code, second.json()["code"]) == (503, "busy")
+
+
+async def test_the_clients_upload_rate_applies_to_tus_creations(server_factory) -> None:
+    server = server_factory(uploads_per_minute=1)
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as client:
+        first = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "10"})
+        assert first.status_code == 201
+        second = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "10"})
+        assert (second.status_code, second.json()["code"]) == (429, "rate_limited")
+        assert "Retry-After" in second.headers
