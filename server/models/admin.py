@@ -36,7 +36,8 @@ from server.tasks.contract import validate_options
 
 log = logging.getLogger("pixelstream.models")
 
-router = APIRouter()
+router = APIRouter(include_in_schema=False)
+"""Operators' routes, documented in the README rather than in ``/openapi.json``."""
 WARMUP_TIMEOUT_S = 120.0
 """A new revision must answer its warm-up image within this (loading included)."""
 _locks: dict[tuple[int, str], asyncio.Lock] = {}
