@@ -192,10 +192,10 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format, settings.api_tokens)
+    registry = checked_registry(settings)  # before listening: a bad task stops here, alone
     if settings.workers:
         logging.getLogger("pixelstream").info(
             "%s", inference_summary(settings, explicit_settings(args)))
-    registry = checked_registry(settings)  # before listening: a bad task stops here
     uvicorn.run(create_app(settings, tasks=registry), **uvicorn_config(settings))
     return 0
 
@@ -214,9 +214,9 @@ def run_workers(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    registry = checked_registry(settings)  # a bad tasks file is one line, with nothing before
     logging.getLogger("pixelstream").info(
         "%s", inference_summary(settings, explicit_settings(args)))
-    registry = checked_registry(settings)
     prepare_tasks(_needs_prepare([entry.task for entry in registry.entries]))
     return supervise(stream_worker_config(settings, registry), max(1, settings.workers))
 
