@@ -28,6 +28,7 @@ from server.pipeline.redis_queue import RedisJobQueue
 from server.pipeline.spool import Spool
 from server.pipeline.stream_worker import LocalStreamWorkers, StreamWorkerConfig
 from server.pipeline.worker import WorkerConfig
+from server.runtime.batching import BatchLimits
 from server.session import expire_idle_uploads
 from server.settings import Settings
 from server.state import AppState
@@ -112,6 +113,7 @@ def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
         max_queue=settings.max_queue,
         metrics=metrics,
         job_timeout_s=settings.job_timeout_s or None,
+        per_task=batch_limits(settings, registry),
     )
     return store, LruResultCache(settings.cache_entries), pool, MemoryRateLimiter()
 
@@ -139,8 +141,21 @@ def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorker
         torch_threads=torch_threads(settings), device=settings.device,
         devices=worker_devices(registry),
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-        claim_idle_ms=settings.claim_idle_ms,
+        claim_idle_ms=settings.claim_idle_ms, per_task=batch_limits(settings, registry),
     )
+
+
+def batch_limits(settings: Settings, registry: Registry) -> dict[str, BatchLimits]:
+    """The batch limits of tasks whose tasks-file entry sets its own."""
+    limits: dict[str, BatchLimits] = {}
+    for entry in registry.entries:
+        serving = entry.serving
+        if serving.max_batch_size is None and serving.max_wait_ms is None:
+            continue
+        wait_ms = settings.max_wait_ms if serving.max_wait_ms is None else serving.max_wait_ms
+        limits[entry.task.name] = BatchLimits(serving.max_batch_size or settings.max_batch_size,
+                                              wait_ms / 1000)
+    return limits
 
 
 async def _sweep(state: AppState) -> None:

@@ -2,10 +2,9 @@
 
 :meth:`WorkerPool.submit` returns a :class:`Ticket`, an async iterator of one job's events
 (``Queued`` with the live queue position, ``Dispatched``, ``StageReached``, then ``JobDone`` or
-``JobFailed``). When a worker is free, the batcher takes the oldest job and up to
-``max_batch_size - 1`` more of the same task; if fewer are waiting, it waits up to
-``max_wait_ms`` (from the oldest job's arrival) for the batch to fill, when jobs have lately
-been arriving closer together than that (else the wait would only add latency).
+``JobFailed``). When a worker is free, the batching policy (:mod:`server.runtime.batching`,
+shared with ``pixelstream worker``) says which queued jobs it runs next, or how long to wait
+for a batch to fill.
 
 Workers are spawned processes (never forked: the gateway has threads and an event loop). A
 reader thread per worker turns its pipe into calls on the event loop. A worker that dies is
@@ -24,6 +23,7 @@ import multiprocessing
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -51,16 +51,13 @@ from server.pipeline.jobs import (
     WorkerReady,
 )
 from server.pipeline.worker import WorkerConfig, worker_main
+from server.runtime.batching import ArrivalGaps, BatchLimits, Limits, Waiting, next_batch
 from server.storage.base import ImageRef
 
 log = logging.getLogger("pixelstream.pool")
 
 MAX_ATTEMPTS = 2
 """A job whose worker died is run once more before it fails."""
-
-GAP_WEIGHT = 0.25
-"""Weight of the newest gap between two jobs' arrivals in the running average of gaps."""
-
 
 
 @dataclass(eq=False)
@@ -101,12 +98,15 @@ class WorkerPool:
         max_queue: int,
         metrics: Metrics | None = None,
         job_timeout_s: float | None = None,
+        per_task: Mapping[str, BatchLimits] | None = None,
     ) -> None:
         self._config = config
         self.job_timeout_s = job_timeout_s
         self._size = workers
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self.limits = Limits(BatchLimits(max_batch_size, self.max_wait_s), dict(per_task or {}))
+        """Batch sizes and waits: the server's, and a tasks file's per task."""
         self.max_queue = max_queue
         self._metrics = metrics or Metrics()
         self._context = multiprocessing.get_context("spawn")
@@ -119,9 +119,7 @@ class WorkerPool:
         self._stopping = False
         self._ready_changed = asyncio.Event()
         self._ahead: dict[str, _Worker] = {}
-        self._last_arrival: float | None = None
-        self._arrival_gap: float | None = None
-        """Running average of the time between jobs' arrivals (seconds)."""
+        self._arrivals = ArrivalGaps()
         self.startup_error: str | None = None
         self.batches_sent = 0
 
@@ -213,11 +211,7 @@ class WorkerPool:
         job = Job(job_id or str(next(self._job_ids)), task, options, image, max_pixels, tile)
         ticket = Ticket(job, self._cancel)
         now = time.monotonic()
-        if self._last_arrival is not None:
-            gap = now - self._last_arrival
-            average = self._arrival_gap
-            self._arrival_gap = gap if average is None else average + GAP_WEIGHT * (gap - average)
-        self._last_arrival = now
+        self._arrivals.arrived(now)
         pending = _Pending(ticket, now)
         self._pending.append(pending)
         pending.position = len(self._pending)
@@ -229,7 +223,7 @@ class WorkerPool:
     @property
     def tile_window(self) -> int:
         """Tiles of one image to keep queued: enough to fill a batch on every worker twice."""
-        return 2 * self.max_batch_size * max(1, self._size)
+        return 2 * self.limits.largest_batch * max(1, self._size)
 
     def release_pixels(self, pixels: str) -> None:
         """A tiled analysis ended: every worker closes its image (the owner removes it)."""
@@ -251,14 +245,6 @@ class WorkerPool:
                 self._positions_changed()
                 return
         # Running: the worker finishes it, and _on_event finds the ticket finished.
-
-    @property
-    def _company_likely(self) -> bool:
-        """Whether waiting up to ``max_wait_ms`` is likely to bring more jobs for a batch:
-        only while jobs have been arriving closer together than that. A lone request, or
-        one client's requests one after another, does not wait for company that never
-        comes."""
-        return self._arrival_gap is not None and self._arrival_gap < self.max_wait_s
 
     # Decoding ahead (see server.pipeline.decode_ahead) ----------------------------------------
 
@@ -316,26 +302,21 @@ class WorkerPool:
                     (w for w in self._workers if w.idle), None)
                 if worker is None:
                     break
-                task = self._pending[0].ticket.job.task
-                same_task = sum(1 for p in self._pending if p.ticket.job.task == task)
-                remaining = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
-                if same_task < self.max_batch_size and remaining > 0 and self._company_likely:
+                waiting = [Waiting(p.ticket.job.task, p.enqueued) for p in self._pending]
+                batch = next_batch(waiting, time.monotonic(), self.limits,
+                                   self._arrivals.average_s)
+                if not batch.take:
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(remaining):
+                        async with asyncio.timeout(batch.wait_s):
                             await self._wakeup.wait()
                     self._wakeup.clear()
                     continue
-                self._send_batch(worker, task)
+                self._send_batch(worker, batch.take)
 
-    def _send_batch(self, worker: _Worker, task: str) -> None:
-        taken: list[_Pending] = []
-        kept: deque[_Pending] = deque()
-        for pending in self._pending:
-            if len(taken) < self.max_batch_size and pending.ticket.job.task == task:
-                taken.append(pending)
-            else:
-                kept.append(pending)
-        self._pending = kept
+    def _send_batch(self, worker: _Worker, take: tuple[int, ...]) -> None:
+        chosen = set(take)
+        taken = [p for index, p in enumerate(self._pending) if index in chosen]
+        self._pending = deque(p for index, p in enumerate(self._pending) if index not in chosen)
         now = time.monotonic()
         for pending in taken:
             job_id = pending.ticket.job.job_id

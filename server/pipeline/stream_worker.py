@@ -1,7 +1,7 @@
 """The inference worker for the shared queue: ``pixelstream worker``, on any machine.
 
 Each worker process reads jobs from the Redis stream through the consumer group, batches
-them (up to ``max_batch_size``, waiting up to ``max_wait_ms`` for a batch to fill), runs
+them by the same policy as the in-process pool (:mod:`server.runtime.batching`), runs
 them with the same :func:`~server.pipeline.worker.run_batch` as in-process workers, and
 sends each event to the gateway that follows the job. It acknowledges a job only after its
 outcome is published, so a worker killed mid-job loses nothing: another worker claims the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis as redis_sync
 from redis.exceptions import RedisError, ResponseError
 
@@ -45,6 +47,7 @@ from server.pipeline.jobs import (
 )
 from server.pipeline.redis_queue import decode_job, encode_event
 from server.pipeline.worker import WorkerConfig, load_tasks, run_batch
+from server.runtime.batching import ArrivalGaps, BatchLimits, Limits, Waiting, next_batch
 from server.runtime.pixels import PixelCache, attach_possible
 from server.storage import keys
 from server.storage.base import ImageRef
@@ -69,6 +72,13 @@ class StreamWorkerConfig:
     max_batch_size: int = 4
     max_wait_ms: float = 5.0
     claim_idle_ms: int = 15000
+    per_task: Mapping[str, BatchLimits] | None = None
+    """Batch limits of tasks whose differ from ``max_batch_size``/``max_wait_ms``."""
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(BatchLimits(self.max_batch_size, self.max_wait_ms / 1000),
+                      dict(self.per_task or {}))
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -88,6 +98,10 @@ class StreamWorker:
         self._last_claim = 0.0
         self.pixels = PixelCache()
         """Images decoded for tiled analyses, shared with this machine's other workers."""
+        self.limits = config.limits
+        self._waiting: list[tuple[Waiting, Entry]] = []
+        """Jobs read from the stream that the batching policy has not run yet."""
+        self._arrivals = ArrivalGaps()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -103,23 +117,52 @@ class StreamWorker:
             except (RedisError, OSError) as exc:
                 log.warning("the shared queue is unreachable (%s); retrying", exc)
                 self._stopping.wait(1.0)
+        if self._waiting:  # read already: run them rather than leave them to be claimed
+            with contextlib.suppress(RedisError, OSError):
+                self.process([entry for _, entry in self._waiting])
+            self._waiting.clear()
         with_suppressed(lambda: self.redis.hdel(keys.WORKERS, self.name))
         self.pixels.close()
 
     def step(self) -> int:
-        """Take one batch's worth of jobs (claimed from dead workers first) and run them."""
+        """Run one batch: jobs claimed from dead workers first, else those the batching policy
+        picks from the jobs read, reading more while it says to wait. The count run."""
         entries = self._claim_stale()
-        if not entries:
-            entries = self._read(self.config.max_batch_size, BLOCK_MS)
-            if entries and len(entries) < self.config.max_batch_size:
-                wait_ms = int(self.config.max_wait_ms)
-                if wait_ms > 0:
-                    entries += self._read(self.config.max_batch_size - len(entries), wait_ms)
         if entries:
             self.process(entries)
-        return len(entries)
+            return len(entries)
+        room = self.limits.largest_batch
+        # Block for the first job; with jobs in hand, only top up with those already there.
+        self._take_in(self._read(room - len(self._waiting),
+                                 None if self._waiting else BLOCK_MS))
+        while self._waiting and not self._stopping.is_set():
+            waiting = [job for job, _ in self._waiting]
+            batch = next_batch(waiting, time.monotonic(), self.limits, self._arrivals.average_s)
+            if not batch.take and len(self._waiting) >= room:
+                # Holding as many jobs as the largest batch, of other tasks: run the oldest's
+                # rather than read more.
+                batch = next_batch(waiting, math.inf, self.limits, None)
+            if batch.take:
+                chosen = set(batch.take)
+                entries = [entry for i, (_, entry) in enumerate(self._waiting) if i in chosen]
+                self._waiting = [item for i, item in enumerate(self._waiting) if i not in chosen]
+                self.process(entries)
+                return len(entries)
+            block_ms = max(1, math.ceil((batch.wait_s or 0.0) * 1000))
+            self._take_in(self._read(room - len(self._waiting), block_ms))
+        return 0
 
-    def _read(self, count: int, block_ms: int) -> list[Entry]:
+    def _take_in(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            now = time.monotonic()
+            self._arrivals.arrived(now)
+            task = orjson.loads(entry[1][b"job"]).get("task", "")
+            self._waiting.append((Waiting(str(task), now), entry))
+
+    def _read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """Up to ``count`` new jobs, waiting up to ``block_ms`` for the first (None: not)."""
+        if count <= 0:
+            return []
         try:
             replies: Any = self.redis.xreadgroup(keys.JOBS_GROUP, self.name, {keys.JOBS: ">"},
                                             count=count, block=block_ms)
@@ -190,7 +233,8 @@ class StreamWorker:
                 self.publish(JobFailed(job.job_id, ErrorCode.INTERNAL,
                                        "the image was released before it was analysed"))
                 return None
-            job = Job(job.job_id, job.task, job.options, ImageRef(size=len(data), data=data),
+            image = ImageRef(size=len(data), data=data, key=job.image.key)
+            job = Job(job.job_id, job.task, job.options, image,
                       job.max_pixels, job.tile)
         return job
 

@@ -1,0 +1,106 @@
+"""``pixelstream worker``'s consumer, in this process against the test Redis: it batches by
+the shared policy with per-task limits, and runs a tiled analysis's tile jobs."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis as redis_sync
+from PIL import Image
+
+from server.pipeline.jobs import Job, JobDone, TileSpec, TilesPlanned
+from server.pipeline.redis_queue import decode_event, encode_job
+from server.pipeline.stream_worker import StreamWorker, StreamWorkerConfig, ensure_group_sync
+from server.runtime.batching import BatchLimits
+from server.storage import keys
+from server.storage.base import ImageRef
+from tests.support.sample_tasks import MeanBrightness, Spots
+
+REDIS_URL = os.environ.get("PIXELSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+"""A database of the test Redis that only tests use (each test flushes it first)."""
+MAX_PIXELS = 1_000_000
+
+
+def spots_png(width: int, height: int, spots: list[list[int]]) -> bytes:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    for x0, y0, x1, y1 in spots:
+        pixels[y0:y1, x0:x1] = 255
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def redis() -> Iterator[redis_sync.Redis]:
+    client = redis_sync.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    ensure_group_sync(client)
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def make_worker(redis: redis_sync.Redis, **config: Any) -> StreamWorker:
+    tasks = (Spots(), MeanBrightness())
+    worker = StreamWorker(StreamWorkerConfig(redis_url=REDIS_URL, tasks=tasks, **config),
+                          {task.name: task for task in tasks}, redis=redis, name="test-worker")
+    for task in tasks:
+        task.setup("cpu")
+    return worker
+
+
+def enqueue(redis: redis_sync.Redis, job: Job) -> None:
+    body, data = encode_job(job)
+    redis.xadd(keys.JOBS, {"job": body, "data": data, "seq": 0, "enqueued": time.time()})
+
+
+def outcome(redis: redis_sync.Redis, job_id: str) -> Any:
+    raw = redis.get(keys.job_outcome(job_id))
+    assert raw is not None, job_id
+    return decode_event(job_id, raw)
+
+
+def test_jobs_run_in_batches_by_the_shared_policy_with_per_task_limits(
+        redis: redis_sync.Redis) -> None:
+    worker = make_worker(redis, max_batch_size=4, max_wait_ms=0,
+                         per_task={"spots": BatchLimits(2, 0.0)})
+    image = spots_png(40, 30, [[1, 1, 4, 4]])
+    order = ["spots", "mean", "spots", "spots", "mean", "mean"]
+    for index, task in enumerate(order):
+        enqueue(redis, Job(f"j{index}", task, {}, ImageRef(len(image), data=image), MAX_PIXELS))
+    # The oldest job's task first, up to its own limit; other tasks wait their turn.
+    assert [worker.step() for _ in range(4)] == [2, 3, 1, 0]
+    spots = [outcome(redis, f"j{index}") for index in (0, 2, 3)]
+    assert all(isinstance(event, JobDone) for event in spots)
+    assert [len(event.result["batch"]) for event in spots] == [2, 2, 1]
+    assert isinstance(outcome(redis, "j4"), JobDone)
+    assert redis.xlen(keys.JOBS) == 0  # every job acknowledged and removed
+
+
+def test_a_large_image_plans_tiles_and_its_tile_jobs_run_on_the_worker(
+        redis: redis_sync.Redis) -> None:
+    worker = make_worker(redis, max_batch_size=8, max_wait_ms=0)
+    image = spots_png(150, 100, [[100, 60, 110, 70]])
+    redis.set("image:big", image)
+    ref = ImageRef(len(image), key="image:big")
+    enqueue(redis, Job("big", "spots", {"tiles": True}, ref, MAX_PIXELS))
+    assert worker.step() == 1
+    planned = outcome(redis, "big")
+    assert isinstance(planned, TilesPlanned)
+    assert planned.original == (150, 100)
+    assert planned.parent.image.key == "image:big"
+    for index, box in enumerate(planned.boxes):
+        tile = TileSpec(planned.pixels, box, planned.original, index)
+        enqueue(redis, Job(f"big/t{index}", "spots", {"tiles": True}, ref, MAX_PIXELS, tile))
+    assert worker.step() == len(planned.boxes)
+    found = [box for index in range(len(planned.boxes))
+             for box in outcome(redis, f"big/t{index}").result["spots"]]
+    assert [100.0, 60.0, 110.0, 70.0] in found  # in original pixels
+    assert worker.pixels.decodes == 0  # the tiles read the planned decode, never decoding again
+    worker.pixels.close()
