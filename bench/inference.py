@@ -39,6 +39,7 @@ import websockets
 
 from bench.common import (
     VENV_BIN,
+    cpu_seconds,
     free_port,
     machine,
     median,
@@ -47,6 +48,7 @@ from bench.common import (
     photo_jpeg,
     pixelstream_argv,
     server_process,
+    tree_pids,
 )
 from bench.report import Check, Section
 from chunking.codec import encode_client_binary
@@ -132,11 +134,15 @@ async def litserve_client(port: int, data: bytes) -> tuple[Request, Callable[[],
 class Load:
     images_per_s: list[float] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
+    cpu_ms_per_image: list[float] = field(default_factory=list)
+    """The server's whole process tree, user + system: steadier than images/s on a machine
+    that other work shares."""
 
 
 async def drive(connect: Callable[[], Awaitable[tuple[Request, Callable[[], Any]]]],
-                clients: int, seconds: float, load: Load) -> None:
-    """``clients`` closed loops for ``seconds`` (after one warm-up request each)."""
+                clients: int, seconds: float, load: Load) -> int:
+    """``clients`` closed loops for ``seconds`` (after one warm-up request each); returns the
+    requests made, warm-up included."""
     pairs = [await connect() for _ in range(clients)]
     await asyncio.gather(*(request() for request, _ in pairs))
     deadline = time.perf_counter() + seconds
@@ -157,6 +163,7 @@ async def drive(connect: Callable[[], Awaitable[tuple[Request, Callable[[], Any]
     load.latencies_ms.extend(latencies)
     for _, close in pairs:
         await close()
+    return done + clients
 
 
 # The run ------------------------------------------------------------------------------------
@@ -202,9 +209,12 @@ def run(rounds: int = 3, seconds: float = 3.0) -> tuple[Section, dict[str, float
         for _ in range(rounds):
             for clients in CONCURRENCY:
                 for name in servers:
+                    load = loads[(name, clients)]
                     with paused([pid for other, pid in pids.items() if other != name]):
-                        asyncio.run(drive(connect[name], clients, seconds,
-                                          loads[(name, clients)]))
+                        before = cpu_seconds(tree_pids(pids[name]))
+                        requests = asyncio.run(drive(connect[name], clients, seconds, load))
+                        used = cpu_seconds(tree_pids(pids[name])) - before
+                    load.cpu_ms_per_image.append(used * 1000 / requests)
     return _section(loads, alone, best_batch, threads, rounds, seconds), {
         "limit_images_per_s": limit / WORKERS,  # one process's
         "single_image_ms": single_ms, "threads": threads}
@@ -235,17 +245,22 @@ def _section(loads: dict[tuple[str, int], Load], alone: dict[int, dict[str, floa
     limit = alone[best_batch]["images_per_s"]
     rows = [[f"model alone, tight loop, batch {batch}, {WORKERS} process(es)", "-",
              f"{figures['images_per_s']:.1f}", f"{figures['images_per_s'] / limit:.2f}",
-             f"{figures['batch_ms_p50']:.1f} (a batch)", "-", "-"]
+             f"{figures['batch_ms_p50']:.1f} (a batch)", "-", "-",
+             f"{figures['user_ms_per_image'] + figures['system_ms_per_image']:.1f}"]
             for batch, figures in alone.items()]
     for name, label in NAMES.items():
         for clients in CONCURRENCY:
             load = loads[(name, clients)]
             rate = median(load.images_per_s)
             rows.append([label, str(clients), f"{rate:.1f}", f"{rate / limit:.2f}",
-                         *(f"{percentile(load.latencies_ms, q):.0f}" for q in (50, 95, 99))])
+                         *(f"{percentile(load.latencies_ms, q):.0f}" for q in (50, 95, 99)),
+                         f"{median(load.cpu_ms_per_image):.1f}"])
 
     def rate(name: str, clients: int) -> float:
         return median(loads[(name, clients)].images_per_s)
+
+    def cpu(name: str, clients: int) -> float:
+        return median(loads[(name, clients)].cpu_ms_per_image)
 
     best_ls = max(("ls_best", "ls_same"), key=lambda n: rate(n, 16))
     return Section(
@@ -257,14 +272,20 @@ def _section(loads: dict[tuple[str, int], Load], alone: dict[int, dict[str, floa
                "contender (a pixelstream worker's default here). LitServe serves pixelstream's "
                "own decode, preprocessing and optimized model. The limit is the best of the "
                "model alone (pixelstream's decode, preprocess, predict and encode in a tight "
-               f"loop, in {WORKERS} process(es) at once)."),
-        header=["server", "clients", "images/s", "of the limit", "p50 ms", "p95 ms", "p99 ms"],
+               f"loop, in {WORKERS} process(es) at once). Server CPU per image: the server's "
+               "whole process tree (user + system) over the round's requests, median of the "
+               "rounds; on a machine other work shares, a steadier measure of capacity than "
+               "images/s (the model alone: its own process)."),
+        header=["server", "clients", "images/s", "of the limit", "p50 ms", "p95 ms", "p99 ms",
+                "server CPU ms per image"],
         rows=rows,
         checks=[
             Check("16 clients: pixelstream (defaults) / model alone",
                   rate("ps_default", 16) / limit, 0.85),
             Check(f"16 clients: pixelstream (defaults) / the better LitServe ({NAMES[best_ls]})",
                   rate("ps_default", 16) / rate(best_ls, 16), 1.2),
+            Check("16 clients: server CPU per image, the better LitServe / pixelstream "
+                  "(defaults)", cpu(best_ls, 16) / cpu("ps_default", 16), 1.2),
             Check("1 client: pixelstream (defaults) latency p50",
                   percentile(loads[("ps_default", 1)].latencies_ms, 50), 35,
                   higher_is_better=False, unit=" ms"),
