@@ -96,6 +96,9 @@ def add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         description="Upload images over one WebSocket, resuming after failures.")
     upload.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     _connection_flags(upload)
+    upload.add_argument("--transport", choices=("auto", "websocket", "tus"), default="auto",
+                        help="websocket, tus (HTTP, where WebSockets are blocked), or auto: "
+                        "the socket, and tus when it cannot be opened (default)")
     upload.add_argument("--concurrency", type=_positive_int, default=4,
                         help="uploads at once (the server's max_uploads caps it too)")
     upload.add_argument("--json", action="store_true", help="one JSON object per file")
@@ -217,16 +220,60 @@ def _json_line(obj: dict[str, Any]) -> str:
     return orjson.dumps(obj).decode()
 
 
+SUMMARY_WIDTH = 100
+"""Characters a result's summary may take on its line."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _clip(text: str, width: int = SUMMARY_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _counted(items: list[Any], one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
+
+
+def _score(item: Any) -> str:
+    score = item.get("score") if isinstance(item, dict) else None
+    return f" {score:.2f}" if isinstance(score, int | float) else ""
+
+
 def summarize(result: dict[str, Any]) -> str:
-    """A short human summary of a task's result (the top labels, or the top colours)."""
+    """A short human summary of a task's result, for every shape the protocol names: labels,
+    colours, objects, faces, codes, OCR text, captions, embeddings and moderation scores."""
     labels = result.get("labels")
     if isinstance(labels, list):
-        return ", ".join(f"{item.get('label')} {item.get('score', 0):.2f}" for item in labels[:3])
+        return _clip(", ".join(f"{item.get('label')}{_score(item)}" for item in labels[:3]))
     colors = result.get("colors")
     if isinstance(colors, list):
         return " ".join(f"{item.get('hex')} {item.get('fraction', 0):.0%}" for item in colors[:3])
-    text = _json_line(result)
-    return text if len(text) <= 80 else text[:77] + "..."
+    objects = result.get("objects")
+    if isinstance(objects, list):
+        named = ", ".join(f"{item.get('label')}{_score(item)}" for item in objects[:4])
+        return _clip(_counted(objects, "object", "objects") + (f": {named}" if named else ""))
+    faces = result.get("faces")
+    if isinstance(faces, list):
+        scores = ", ".join(_score(item).strip() for item in faces[:6])
+        return _clip(_counted(faces, "face", "faces") + (f" ({scores})" if scores else ""))
+    codes = result.get("codes")
+    if isinstance(codes, list):
+        found = ", ".join(f"{item.get('format')} {item.get('text')!r}" for item in codes[:3])
+        return _clip(_counted(codes, "code", "codes") + (f": {found}" if found else ""))
+    lines = result.get("lines")
+    if isinstance(lines, list) and isinstance(result.get("text"), str):
+        text = _one_line(result["text"])  # whatever line breaks the model found
+        return _clip(_counted(lines, "line", "lines") + (f": {text!r}" if text else ""))
+    if isinstance(result.get("caption"), str):
+        return _clip(repr(_one_line(result["caption"])))
+    embedding = result.get("embedding")
+    if isinstance(embedding, list):
+        return f"embedding of {len(embedding)} values"
+    if isinstance(result.get("nsfw"), int | float):
+        return f"nsfw {result['nsfw']:.2f}"
+    return _clip(_json_line(result), 80)
 
 
 def _ok_outcome(name: str, result: Result, elapsed: float) -> dict[str, Any]:
@@ -324,6 +371,8 @@ class ProgressBoard:
                      f"  {_size(row['acked'] / elapsed)}/s")
         elif stage == "queued":
             state = f"queued #{detail.get('position', '?')}"
+        elif stage == "inference" and detail.get("total"):
+            state = f"inference {detail.get('done', 0)}/{detail['total']} tiles"
         elif stage == "retrying":
             state = f"retrying in {detail.get('delay', 0):g} s ({detail.get('code')})"
         else:
@@ -403,6 +452,7 @@ async def _upload(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _url(args), token=_token(args), base64=args.base64, checksum=not args.no_checksum,
         timeout=args.timeout,
         retry_delays=DEFAULT_RETRY_DELAYS if args.retry_delays is None else args.retry_delays,
+        transport=args.transport,
     )
     options = _task_options(args)
     slots = asyncio.Semaphore(args.concurrency)

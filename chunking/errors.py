@@ -30,7 +30,9 @@ class ErrorCode(StrEnum):
     UPLOAD_EXPIRED = "upload_expired"
     """A partial upload saw no chunk for the configured idle time and was discarded."""
     FORBIDDEN_ORIGIN = "forbidden_origin"
-    """Handshake only: a browser Origin the server does not allow."""
+    """A browser Origin the server does not allow: a handshake, or an HTTP request that acts."""
+    FORBIDDEN_HOST = "forbidden_host"
+    """A ``Host`` the server does not answer to (DNS rebinding): any request or handshake."""
 
 
 class ProtocolError(Exception):

@@ -269,7 +269,11 @@ class UploadExchange:
         if isinstance(message, Progress):
             if message.stage is Stage.UPLOAD:
                 return self._on_ack(message)
-            detail = {"position": message.position} if message.position is not None else {}
+            detail: dict[str, int] = {}
+            if message.position is not None:
+                detail["position"] = message.position
+            if message.done is not None and message.total is not None:
+                detail.update(done=message.done, total=message.total)  # tiles of a spatial task
             return [StageReached(message.stage, detail)]
         if isinstance(message, Result):
             self._end(live=False)

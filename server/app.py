@@ -17,9 +17,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from server import http_api, ws
+from server import docs, exposure, openapi
 from server.analysis import AnalysisService
-from server.auth import TokenAuth
+from server.auth import HostPolicy, TokenAuth
 from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
 from server.logs import install_redaction
 from server.metrics import Metrics
@@ -29,10 +29,10 @@ from server.pipeline.spool import Spool
 from server.pipeline.stream_worker import LocalStreamWorkers, StreamWorkerConfig
 from server.pipeline.worker import WorkerConfig
 from server.runtime.batching import BatchLimits
-from server.session import expire_idle_uploads
 from server.settings import Settings
 from server.state import AppState
 from server.storage.base import JobQueue, RateLimiter, ResultCache, UploadStore
+from server.storage.locks import RedisLocker
 from server.storage.memory import LruResultCache, MemoryRateLimiter, MemoryUploadStore
 from server.storage.redis import (
     RedisRateLimiter,
@@ -44,6 +44,7 @@ from server.storage.redis import connect as connect_redis
 from server.tasks import routes as task_routes
 from server.tasks.contract import Task
 from server.tasks.registry import Registry, load_registry
+from server.transports import http, tus, ws
 from server.tuning import threads_for, usable_cores
 
 log = logging.getLogger("pixelstream")
@@ -163,7 +164,7 @@ async def _sweep(state: AppState) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await expire_idle_uploads(state)
+            await state.uploads.expire_idle()
         except Exception:
             log.exception("expiring idle uploads failed")
 
@@ -229,6 +230,10 @@ def create_app(
                                     on_change=metrics.memory_changed),
                 uploads_in_memory=not settings.redis_url,
             )
+            if settings.redis_url:
+                lock_redis = connect_redis(settings.redis_url)
+                stack.push_async_callback(lock_redis.aclose)
+                state.upload_locker = RedisLocker(lock_redis)
             app.state.pixelstream = state
             stopped = False
 
@@ -265,26 +270,35 @@ def create_app(
         title="pixelstream",
         summary="AI image understanding over WebSockets",
         lifespan=lifespan,
+        docs_url=None,  # served by server.docs, from local files rather than a CDN
+        redoc_url=None,
     )
     app.state.auth = auth
     app.state.settings = settings
-    app.add_middleware(http_api.RequestIds)
+    app.add_middleware(http.RequestIds)
     if settings.allowed_origins:
         # CORS for the HTTP routes from the socket's allow-list. Without a list only the
         # server's own origin may use them (no CORS headers needed, none sent).
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["Retry-After", "X-Request-ID"],
+            allow_methods=["GET", "POST", "HEAD", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=[h.strip() for h in tus.TUS_REQUEST_HEADERS.split(",")],
+            expose_headers=[h.strip() for h in tus.TUS_EXPOSED_HEADERS.split(",")],
             allow_credentials=False,
             max_age=600,
         )
-    ws.quiet_refusals()
+    # Outermost: a request from a name or origin the server does not serve goes no further.
+    app.add_middleware(exposure.ExposureGuard,
+                       hosts=HostPolicy(settings.host, settings.allowed_hosts),
+                       allowed_origins=settings.allowed_origins)
+    exposure.quiet_refusals()
+    app.include_router(docs.router)
     app.include_router(ws.router)
-    app.include_router(http_api.router)
+    app.include_router(http.router)
+    app.include_router(tus.router)
     app.include_router(task_routes.router)
+    openapi.install(app, [entry.task.name for entry in registry.entries], tokens=auth.required)
     # The demo page's assets; static/client links to client_js/src, so the page loads the
     # very files of the browser library (symlinks inside the folder are followed).
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""API tokens and the browser Origin check.
+"""API tokens, the browser Origin check and the Host allow-list.
 
 A principal is a token's SHA-256 prefix: uploads, resume tokens and cached results are bound
 to it, and it can appear in logs where the token itself never does. Tokens come as plain text
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -103,10 +104,15 @@ def parse_origin(origin: str) -> tuple[str, str, int | None] | None:
         return None
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:
+_WEB_SCHEMES = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str],
+                   scheme: str | None = None) -> bool:
     """PROTOCOL.md's rule. No Origin (not a browser): allowed. With an allow-list: exact match
-    on scheme, host and port. Without one: the Origin's host and port must be the request's
-    ``Host``."""
+    on scheme, host and port. Without one: the Origin must be the server's own, as the request
+    reached it: its host and port those of ``Host`` and, when the request's ``scheme`` is
+    given (``http``/``https``, or ``ws``/``wss`` for a socket), its scheme that one's."""
     if origin is None:
         return True
     parsed = parse_origin(origin)
@@ -117,6 +123,77 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str])
         return any(parse_origin(candidate) == parsed for candidate in allowed)
     if not host:
         return False
-    scheme = parsed[0]
-    own = parse_origin(f"{scheme}://{host}")
-    return own is not None and own[1:] == parsed[1:]
+    own_scheme = _WEB_SCHEMES.get(scheme or "", parsed[0]) if scheme else parsed[0]
+    own = parse_origin(f"{own_scheme}://{host}")
+    return own is not None and own == parsed
+
+
+# The Host allow-list ----------------------------------------------------------------------------
+
+_WILDCARD_ADDRESSES = {"", "0.0.0.0", "::"}
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def host_name(host: str) -> str | None:
+    """The name or address in a ``Host`` header (lower case, no port, no brackets, no final
+    dot); None when it is not one."""
+    try:
+        parts = urlsplit("//" + host.strip())
+        name = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        return None
+    if not name or parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    name = name.rstrip(".")
+    if not _HOST_NAME.fullmatch(name) and _address(name) is None:
+        return None
+    return name
+
+
+def _address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+class HostPolicy:
+    """Which ``Host`` names the server answers to: what stops DNS rebinding, where a page of
+    another site makes its own name resolve to this server's address and so, being then of
+    the "same origin", reads its answers. A name must be:
+
+    * a localhost name (``localhost``, ``*.localhost``) or a loopback address;
+    * the address the server listens on, or any address when it listens on all of them (an
+      address is no name an attacker's DNS can rebind);
+    * one of ``allowed``: an exact name, ``.example.com`` for the name and every name under
+      it, or ``*`` for any name at all (behind a proxy that checks names itself).
+
+    A request without ``Host`` (HTTP/1.0; browsers always send one) is not checked.
+    """
+
+    def __init__(self, listen: str, allowed: Iterable[str] = ()) -> None:
+        names = [name.strip().lower().rstrip(".") for name in allowed if name.strip()]
+        self.any_name = "*" in names
+        self.exact = {name for name in names if not name.startswith(".")}
+        self.suffixes = tuple(name for name in names if name.startswith("."))
+        listen = listen.strip().strip("[]").lower()
+        self.any_address = listen in _WILDCARD_ADDRESSES
+        self.listen = _address(listen)
+        if self.listen is None and listen:
+            self.exact.add(listen)  # listening on a name: that name
+
+    def allows(self, host: str | None) -> bool:
+        if host is None:
+            return True
+        name = host_name(host)
+        if name is None:
+            return False
+        if self.any_name or name == "localhost" or name.endswith(".localhost"):
+            return True
+        address = _address(name)
+        if address is not None:
+            return address.is_loopback or self.any_address or address == self.listen
+        return name in self.exact or any(
+            name.endswith(suffix) or name == suffix[1:] for suffix in self.suffixes
+        )

@@ -11,6 +11,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_BASE64: 400,
     ErrorCode.INVALID_IMAGE: 400,
     ErrorCode.CHECKSUM_MISMATCH: 400,
+    ErrorCode.FORBIDDEN_HOST: 400,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN_ORIGIN: 403,
     ErrorCode.UNKNOWN_UPLOAD: 404,

@@ -7,7 +7,7 @@ and each one after a keep-alive response. h11 itself bounds the head's size
 (``h11_max_incomplete_event_size``); uvicorn's httptools protocol bounds neither, so the server
 runs on h11. WebSocket handshakes are HTTP requests too, so the deadline covers them; after the
 upgrade the WebSocket protocol's ping timeout and the endpoint's idle timeout take over. The
-body's deadline is the route's (``http_body_timeout_s`` in :mod:`server.http_api`).
+body's deadline is the route's (``http_body_timeout_s`` in :mod:`server.transports.http`).
 """
 
 from __future__ import annotations

@@ -75,6 +75,11 @@ class Settings:
     start, in addition to ``api_tokens``."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to open the WebSocket; empty: the server's own origin only."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Names the server answers to (a request's ``Host``) besides localhost names, loopback
+    addresses and the address it listens on (any address when it listens on all): a name,
+    ``.example.com`` for it and every name under it, or ``*`` for any. Other names are refused
+    (``forbidden_host``): that is what keeps DNS-rebinding pages out."""
     messages_per_second: float = 1000.0
     message_burst: int = 2000
     """Per-socket token bucket over every inbound message, bad ones included."""

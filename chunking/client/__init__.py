@@ -15,6 +15,7 @@ concern::
     client      Client: the socket (reopened on demand) and the calls on it
     sync        SyncClient and analyze_sync, for scripts without asyncio
     http        analyze_http: one POST /v1/analyze
+    tus         uploads over tus 1.0 and results over HTTP, where WebSockets are blocked
 
 Use it as::
 
@@ -47,7 +48,8 @@ Use it as::
 
 Callbacks run on the event loop and must not block: ``on_progress(sent, acknowledged,
 total)``, ``on_stage(stage, detail)`` (``upload`` with ``{"offset", "resumed"}`` once
-accepted, then ``queued`` with ``{"position"}``, ``decoding``, ``inference``, and the client's
+accepted, then ``queued`` with ``{"position"}``, ``decoding``, ``inference`` (repeated with
+``{"done", "total"}`` as the tiles of a spatial task finish), and the client's
 own ``hashing`` (before the SHA-256 of the file is computed) and ``retrying`` with
 ``{"attempt", "delay", "error", "code"}``), ``on_result(result)`` and ``on_error(error)``: the
 names and details of the JavaScript client (``client_js``), in snake_case.
@@ -59,6 +61,7 @@ names and details of the JavaScript client (``client_js``), in snake_case.
 from chunking.client.client import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_URL,
+    TRANSPORTS,
     Client,
     ErrorCallback,
     ResultCallback,
@@ -116,6 +119,7 @@ __all__ = [
     "DEFAULT_URL",
     "ERRORS",
     "RETRYABLE_CODES",
+    "TRANSPORTS",
     "BadBase64Error",
     "BadMessageError",
     "BusyError",

@@ -8,19 +8,31 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from chunking.client.connection import Connection, open_connection
-from chunking.client.errors import ClientClosedError, InvalidImageError, UploadTimeoutError
+from chunking.client.errors import (
+    ClientClosedError,
+    ConnectFailedError,
+    InvalidImageError,
+    UploadTimeoutError,
+)
 from chunking.client.frames import FrameSource, FrameStream
 from chunking.client.retry import DEFAULT_RETRY_DELAYS, ShouldRetry
 from chunking.client.sources import Source, open_source
+from chunking.client.tus import TUS_CHUNK_SIZE, TusUpload, tus_available
 from chunking.client.upload import ProgressCallback, StageCallback, UploadJob
 from chunking.limits import Limits
 from chunking.messages import Result, Welcome
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_URL", "Client", "ErrorCallback", "ResultCallback"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_URL", "TRANSPORTS", "Client", "ErrorCallback",
+           "ResultCallback"]
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8000/v1/ws"
 DEFAULT_CHUNK_SIZE: Final = 1 << 20
 """Largest chunk sent; also capped by the server's ``max_chunk_bytes`` and ``window_bytes``."""
+
+TRANSPORTS: Final = ("auto", "websocket", "tus")
+"""``websocket``: only the socket. ``tus``: uploads over tus 1.0 and results over HTTP.
+``auto``: the socket, and tus from the moment the socket cannot be opened (a proxy that
+blocks WebSockets)."""
 
 ResultCallback = Callable[[Result], None]
 ErrorCallback = Callable[[BaseException], None]
@@ -35,6 +47,11 @@ class Client:
     ``timeout`` (per ``analyze`` call, retries included) work as :mod:`chunking.client`
     describes; ``checksum=False`` skips the SHA-256. The socket opens on entry (once, no
     retries: a wrong URL or token fails there) and reopens on demand after a failure.
+
+    ``transport`` (:data:`TRANSPORTS`): with ``auto``, a socket that cannot be opened (a
+    refused upgrade, a proxy that drops it) makes uploads go over tus (:mod:`chunking.client.tus`)
+    with the same callbacks and errors; ``tus_chunk_size`` bytes per PATCH. Camera streams
+    need the socket.
     """
 
     def __init__(
@@ -51,9 +68,17 @@ class Client:
         connect_timeout: float = 10.0,
         checksum: bool = True,
         ping_interval: float | None = 20.0,
+        transport: str = "auto",
+        tus_chunk_size: int = TUS_CHUNK_SIZE,
     ) -> None:
-        if chunk_size < 1:
+        if chunk_size < 1 or tus_chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}")
+        self.transport = transport
+        self.tus_chunk_size = tus_chunk_size
+        self.over_tus = transport == "tus"
+        """Uploads go over tus: asked for, or the socket could not be opened (``auto``)."""
         self.url = url
         self.token = token
         self.base64 = base64
@@ -77,8 +102,19 @@ class Client:
     # Life cycle -------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Client:
-        await self.connect()
+        if self.transport != "tus":
+            await self._open_or_fall_back()
         return self
+
+    async def _open_or_fall_back(self) -> None:
+        """Open the socket; with ``auto``, a socket that cannot be opened means tus."""
+        try:
+            await self.connect()
+        except ConnectFailedError:
+            if self.transport != "auto" or not await tus_available(self.url,
+                                                                   self.connect_timeout):
+                raise
+            self.over_tus = True
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
@@ -159,6 +195,11 @@ class Client:
                 if on_stage is not None:
                     on_stage("hashing", {})
                 sha256 = await image.sha256()
+            if not self.over_tus and self.transport == "auto" and self._conn is None:
+                await self._open_or_fall_back()
+            if self.over_tus:
+                return await TusUpload(self, image, task=task, options=options, sha256=sha256,
+                                       on_progress=on_progress, on_stage=on_stage).run()
             job = UploadJob(self, image, task=task, options=options, sha256=sha256,
                             on_progress=on_progress, on_stage=on_stage)
             return await job.run()

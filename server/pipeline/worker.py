@@ -37,8 +37,9 @@ from server.pipeline.jobs import (
     WorkerEvent,
     WorkerReady,
 )
+from server.pipeline.pixel_source import open_pixels
 from server.runtime import tiling
-from server.runtime.pixels import PixelCache, decode_full
+from server.runtime.pixels import PixelCache
 from server.tasks.contract import Task, View, parse_options
 from server.tasks.registry import resolve_device
 from server.tuning import tune_worker_malloc
@@ -150,16 +151,17 @@ def _prepare(analyzer: Task, job: Job, ahead: DecodesAhead | None, pixels: Pixel
     else:
         source = job.image.path if job.image.path is not None else job.image.data
         assert source is not None
+        if tiling.wants_tiles(analyzer, options):
+            opened = open_pixels(source, max_pixels=job.max_pixels)  # reads the header only
+            if tiling.needs_tiles(analyzer, opened.original):
+                if ahead is not None:
+                    ahead.drop(job.job_id)
+                return tiling.plan(job, analyzer, opened, pixels, started), None
+            opened.close()
         decoded: DecodedImage | None = None
         if ahead is not None and job.image.path is not None:
             decoded = ahead.take(job.job_id, job.image.path)
             decoded_ahead = decoded is not None
-        if tiling.wants_tiles(analyzer, options):
-            if decoded is None or decoded.image.size != displayed_size(decoded):
-                decoded, decoded_ahead = decode_full(source, max_pixels=job.max_pixels), False
-            if tiling.needs_tiles(analyzer, decoded.image.size):
-                decode_ms = (time.perf_counter() - started) * 1000
-                return tiling.plan(job, analyzer, decoded, pixels, decode_ms), None
         if decoded is None:
             decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode)
         view = View.whole(decoded.image, displayed_size(decoded))

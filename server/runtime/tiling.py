@@ -3,10 +3,11 @@ overlapping full-resolution tiles, each ONE job through the same batcher as ever
 
 The flow, for a task with ``tiling`` and option ``tiles`` true:
 
-1. The upload's job reaches a worker, which decodes the image once at full size. Small
-   enough for one tile: it runs as usual. Larger: the worker shares the decoded pixels
-   (:mod:`server.runtime.pixels`) and answers :class:`~server.pipeline.jobs.TilesPlanned`
-   with the tile grid (:func:`plan`), instead of a result.
+1. The upload's job reaches a worker, which reads the image's header. Small enough for one
+   tile: it runs as usual. Larger: the worker decodes the image once into a file the other
+   workers read tiles from (:mod:`server.runtime.pixels`) and answers
+   :class:`~server.pipeline.jobs.TilesPlanned` with the tile grid (:func:`plan`), instead
+   of a result.
 2. The gateway (:func:`run_tiles`) queues the tiles as jobs, a window at a time so other
    clients' jobs interleave with them, and reports ``inference`` progress with
    ``done``/``total`` as they finish.
@@ -26,9 +27,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from chunking.errors import ErrorCode, ProtocolError
-from server.pipeline.decode import DecodedImage
 from server.pipeline.jobs import Job, JobDone, JobFailed, Ticket, TileSpec, TilesPlanned
-from server.runtime.pixels import PixelCache, share
+from server.pipeline.pixel_source import PixelSource
+from server.runtime.pixels import PixelCache
 from server.storage.base import ImageRef
 from server.tasks.contract import Task, View, parse_options
 from server.tasks.spatial import tile_boxes
@@ -53,16 +54,22 @@ def needs_tiles(task: Task, size: tuple[int, int]) -> bool:
     return task.tiling is not None and max(size) > task.tiling.size
 
 
-def plan(job: Job, task: Task, decoded: DecodedImage, cache: PixelCache,
-         decode_ms: float) -> TilesPlanned:
-    """Share the decoded image with the workers that will run its tiles; the tile grid."""
+def plan(job: Job, task: Task, source: PixelSource, cache: PixelCache,
+         started: float) -> TilesPlanned:
+    """Decode the image once and share it with the workers that will run its tiles (the
+    cache owns ``source`` from here on); the tile grid. ``started``: when the job's decoding
+    began (``time.perf_counter``)."""
     assert task.tiling is not None
-    pixels = share(decoded)
-    cache.keep(pixels.handle, pixels)
-    width, height = pixels.original
+    try:
+        handle = cache.share(source)
+    except BaseException:
+        source.close()
+        raise
+    decode_ms = (time.perf_counter() - started) * 1000
+    width, height = source.original
     boxes = tile_boxes(width, height, task.tiling.size, task.tiling.overlap)
     parent = Job(job.job_id, job.task, job.options, _without_data(job.image), job.max_pixels)
-    return TilesPlanned(job.job_id, pixels.handle, boxes, pixels.original, pixels.info,
+    return TilesPlanned(job.job_id, handle, boxes, source.original, source.info.to_dict(),
                         decode_ms, parent)
 
 
@@ -72,7 +79,7 @@ def tile_view(job: Job, cache: PixelCache) -> tuple[View, dict[str, Any]]:
     assert tile is not None
     source = job.image.path if job.image.path is not None else job.image.data
     pixels = cache.get(tile.pixels, source, max_pixels=job.max_pixels)
-    return View(pixels.region(tile.box), tile.original, tile.box), pixels.info
+    return View(pixels.region(tile.box), tile.original, tile.box), pixels.info.to_dict()
 
 
 def _without_data(image: ImageRef) -> ImageRef:

@@ -20,6 +20,11 @@ def upload_data(token: str) -> str:
     return f"{PREFIX}upload:{token}:data"
 
 
+def upload_lock(token: str) -> str:
+    """String: the holder of an upload's write lock (one tus PATCH at a time, any gateway)."""
+    return f"{PREFIX}upload:{token}:lock"
+
+
 def staged_image(name: str) -> str:
     """String: a whole image that arrived in one piece (HTTP), for a worker to read."""
     return f"{PREFIX}image:{name}"
@@ -74,6 +79,9 @@ EVENTS_MAXLEN = 10_000
 """Approximate cap on a gateway's event stream."""
 EVENTS_TTL_S = 600
 """A gateway refreshes its event stream's lifetime while alive; a dead gateway's goes."""
+UPLOAD_LOCK_TTL_S = 30.0
+"""An upload's write lock lapses this long after its holder last refreshed it (a gateway that
+died mid-request does not lock the upload for ever)."""
 CONNECTIONS_TTL_S = 3600
 """Connection counts of a crashed gateway's clients fade after this."""
 WORKER_STALE_S = 10.0

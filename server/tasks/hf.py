@@ -10,7 +10,8 @@ A tasks file names the kind and the folder::
 without loading it, the decode size from ``preprocessor_config.json``, loading with the
 kind's ``Auto*`` class onto the device, batching through the image processor); a kind is one
 small subclass that says which ``Auto*`` class it loads, what its options and result are,
-and how one output becomes the protocol's result. :data:`KINDS` maps kind names to them.
+and how one output becomes the protocol's result. :data:`server.tasks.hf_kinds.KINDS` maps
+kind names to them.
 
 Importing this module is cheap: torch and transformers are imported in :meth:`HFTask.setup`.
 """
@@ -88,6 +89,15 @@ def decode_hint_from_processor(config: Mapping[str, Any]) -> DecodeHint:
     return DecodeHint(min_short_side=side)
 
 
+def groups_of_equal(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices of equal keys, each group in order, groups in order of first appearance: the
+    items of a batch that can share one forward pass (same tensor shape, same options)."""
+    found: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        found.setdefault(key, []).append(index)
+    return list(found.values())
+
+
 class ModelFolderError(ValueError):
     """A task's model folder is missing or unreadable (said before anything loads)."""
 
@@ -113,6 +123,7 @@ class HFTask(Task):
         self.device = "cpu"
         self.net: Any = None
         self.processor: Any = None
+        self.processor_path: str | None = None
         self.traced: TracedForward | None = None
         self.decode = self._initial_decode()
 
@@ -155,28 +166,44 @@ class HFTask(Task):
         folder = self.folder
         return _read_json(folder / "config.json") if folder is not None else None
 
-    def _initial_decode(self) -> DecodeHint:
+    def image_processor_config(self) -> dict[str, Any] | None:
+        """The folder's image processor settings: ``preprocessor_config.json``, or the
+        ``image_processor`` of a combined ``processor_config.json`` (CLIP, BLIP...)."""
         folder = self.folder
-        processor = _read_json(folder / "preprocessor_config.json") if folder else None
+        if folder is None:
+            return None
+        config = _read_json(folder / "preprocessor_config.json")
+        if config is None:
+            nested = (_read_json(folder / "processor_config.json") or {}).get("image_processor")
+            config = nested if isinstance(nested, dict) else None
+        return config
+
+    def _initial_decode(self) -> DecodeHint:
+        processor = self.image_processor_config()
         return decode_hint_from_processor(processor) if processor else self.default_decode
 
     # Worker side --------------------------------------------------------------------------------
 
     def setup(self, device: str) -> None:
-        import transformers
-
         path, _ = resolve_model(self.model_path)
-        auto_model: Any = getattr(transformers, self.auto_model)
         with quiet_transformers():
-            net = auto_model.from_pretrained(path)
+            net = self.load_model(path)
             processor = self.load_processor(path)
         net.eval()
         net.to(device)
         self.device = device
         self.net = net
         self.processor = processor
-        self.loaded()
+        self.processor_path = path
+        with quiet_transformers():
+            self.loaded()
         self.traced = self._traced_forward()
+
+    def load_model(self, path: str) -> Any:
+        import transformers
+
+        auto_model: Any = getattr(transformers, self.auto_model)
+        return auto_model.from_pretrained(path)
 
     def load_processor(self, path: str) -> Any:
         from transformers import AutoImageProcessor
@@ -342,9 +369,3 @@ class ImageClassification(HFTask):
              "score": round(float(probs[i]), 6)}
             for i in order.tolist()
         ]}
-
-
-KINDS: dict[str, type[HFTask]] = {
-    "image-classification": ImageClassification,
-}
-"""Hugging Face pipeline task names → the class that serves them."""

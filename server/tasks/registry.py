@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from server.tasks.contract import Task, check_contract, json_schemas
-from server.tasks.hf import KINDS, HFTask, ModelFolderError
+from server.tasks.hf import HFTask, ModelFolderError
+from server.tasks.hf_kinds import KINDS
 
 log = logging.getLogger("pixelstream.tasks")
 
@@ -236,7 +237,10 @@ def task_from_table(name: str, table: Mapping[str, Any]) -> TaskEntry:
             raise ValueError(f'kind "{kind}" needs model = "<a local model folder>"')
         if "entry" in table:
             raise ValueError(f'kind "{kind}" takes no entry')
-        hf_task = KINDS[kind](model, name=name, **args)
+        try:
+            hf_task = KINDS[kind](model, name=name, **args)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"args do not fit kind {kind!r}: {exc}") from None
         try:
             hf_task.check_folder()
         except ModelFolderError as exc:

@@ -176,6 +176,8 @@ def test_the_progress_board_renders_sent_acknowledged_and_stages() -> None:
     assert board.render("a.jpg").endswith("queued #3")
     board.stage("a.jpg", "retrying", {"delay": 1.0, "code": "stalled"})
     assert board.render("a.jpg").endswith("retrying in 1 s (stalled)")
+    board.stage("a.jpg", "inference", {"done": 12, "total": 48})
+    assert board.render("a.jpg").endswith("inference 12/48 tiles")
 
 
 def test_summaries_of_each_task() -> None:
@@ -184,6 +186,23 @@ def test_summaries_of_each_task() -> None:
         "cat 0.91, dog 0.05")
     assert summarize({"colors": [{"hex": "#ff0000", "fraction": 0.75}]}) == "#ff0000 75%"
     assert summarize({"other": "x" * 200}).endswith("...")
+    box = [1.0, 2.0, 30.0, 40.0]
+    assert summarize({"objects": [{"label": "car", "score": 0.9, "box": box},
+                                  {"label": "person", "score": 0.714, "box": box}]}) == (
+        "2 objects: car 0.90, person 0.71")
+    assert summarize({"objects": []}) == "0 objects"
+    assert summarize({"faces": [{"score": 0.98, "box": box}]}) == "1 face (0.98)"
+    assert summarize({"codes": [{"format": "QR_CODE", "text": "https://example.com/a",
+                                 "box": box}]}) == "1 code: QR_CODE 'https://example.com/a'"
+    assert summarize({"text": "PART 4711\nlot 7", "lines": [
+        {"text": "PART 4711", "score": 0.99, "box": box},
+        {"text": "lot 7", "score": 0.97, "box": box}]}) == "2 lines: 'PART 4711 lot 7'"
+    assert summarize({"caption": "a cat\non a mat"}) == "'a cat on a mat'"
+    assert summarize({"embedding": [0.1] * 512}) == "embedding of 512 values"
+    assert summarize({"nsfw": 0.0213}) == "nsfw 0.02"
+    long = summarize({"text": "word " * 100, "lines": [{"text": "word", "box": box}] * 100})
+    assert len(long) == 100
+    assert long.startswith("100 lines: 'word word")
 
 
 # analyze ------------------------------------------------------------------------------------

@@ -156,6 +156,8 @@ def test_later_stages_carry_their_detail() -> None:
     assert exchange.receive(Progress(ID, Stage.QUEUED, position=2)) == [
         StageReached(Stage.QUEUED, {"position": 2})]
     assert exchange.receive(Progress(ID, Stage.DECODING)) == [StageReached(Stage.DECODING, {})]
+    assert exchange.receive(Progress(ID, Stage.INFERENCE, total=48, done=12)) == [
+        StageReached(Stage.INFERENCE, {"done": 12, "total": 48})]
 
 
 def test_a_chunk_read_for_the_wrong_length_is_refused() -> None:

@@ -18,6 +18,7 @@ from server.cli import main
 from server.settings import Settings
 from tests.conftest import RunningServer, start_server
 from tests.support.pyclient_proxy import Fault, TcpProxy
+from tests.support.sample_tasks import BrightSpots
 
 CATS = {"Egyptian cat", "tabby, tabby cat", "tiger cat"}
 
@@ -115,3 +116,26 @@ def test_the_cli_classifies_with_top_k(classify_server, tmp_path,
     assert main(["analyze", str(path), "--http", "--url", classify_server.http_url]) == 0
     (line,) = [orjson.loads(text) for text in capsys.readouterr().out.splitlines()]
     assert line["result"]["labels"][0]["label"] == "espresso"
+
+
+def test_the_cli_runs_any_task_with_options_and_summarizes_its_result(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server = start_server(Settings(max_wait_ms=2.0), tasks=(BrightSpots(),))
+    try:
+        pixels = np.full((700, 1100, 3), 15, dtype=np.uint8)
+        pixels[40:140, 60:200] = 250  # the brightest spot
+        pixels[500:600, 800:900] = 220
+        path = tmp_path / "spots.png"
+        Image.fromarray(pixels).save(path)
+        assert main(["upload", str(path), "--task", "detect", "--options",
+                     '{"max_objects": 1, "threshold": 0.8}', "--url", server.ws_url]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        # The option reached the task, and the line says what it found in words.
+        assert line.startswith(f"ok    {path}  1 object: spot 0.98"), line
+        assert main(["upload", str(path), "--task", "detect", "--json", "--options",
+                     '{"tiles": false}', "--url", server.ws_url]) == 0
+        (answer,) = [orjson.loads(text) for text in capsys.readouterr().out.splitlines()]
+        assert [o["box"] for o in answer["result"]["objects"]] == [[60, 40, 200, 140],
+                                                                  [800, 500, 900, 600]]
+    finally:
+        server.stop()

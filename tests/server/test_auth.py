@@ -10,7 +10,9 @@ import pytest
 from starlette.datastructures import Headers, QueryParams
 
 from server.auth import (
+    HostPolicy,
     TokenAuth,
+    host_name,
     origin_allowed,
     presented_token,
     principal_of,
@@ -245,3 +247,99 @@ def test_default_ports_are_normalised_in_the_allow_list_too() -> None:
     assert origin_allowed("https://app.example", "h", ["https://app.example:443/"])
     assert origin_allowed("http://app.example:80", "h", ["http://app.example"])
     assert not origin_allowed("http://app.example:443", "h", ["https://app.example"])
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "scheme"),
+    [
+        ("http://example.com", "example.com", "http"),
+        ("http://example.com", "example.com", "ws"),
+        ("https://example.com", "example.com", "https"),
+        ("https://example.com", "example.com", "wss"),
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", "ws"),
+    ],
+)
+def test_the_own_origin_has_the_scheme_the_request_came_by(origin: str, host: str,
+                                                            scheme: str) -> None:
+    assert origin_allowed(origin, host, [], scheme=scheme)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "scheme"),
+    [
+        ("https://example.com:80", "example.com:80", "http"),  # a TLS page, a plain server
+        ("http://example.com:443", "example.com:443", "wss"),
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", "wss"),
+        ("https://127.0.0.1:8000", "127.0.0.1:8000", "ws"),
+    ],
+)
+def test_an_origin_of_another_scheme_is_refused(origin: str, host: str, scheme: str) -> None:
+    assert not origin_allowed(origin, host, [], scheme=scheme)
+
+
+# The Host allow-list ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "name"),
+    [
+        ("example.com", "example.com"),
+        ("Example.COM:8000", "example.com"),
+        ("example.com.", "example.com"),
+        ("[::1]:8000", "::1"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("", None),
+        ("example.com:port", None),
+        ("example.com:99999", None),
+        ("user@example.com", None),
+        ("example.com/path", None),
+        ("[::1", None),
+    ],
+)
+def test_host_name(host: str, name: str | None) -> None:
+    assert host_name(host) == name
+
+
+LOCAL = ["localhost", "localhost:8000", "LOCALHOST", "app.localhost:8000", "127.0.0.1:8000",
+         "127.8.9.1", "[::1]:8000", None]
+
+
+@pytest.mark.parametrize("host", LOCAL)
+def test_localhost_names_and_loopback_addresses_are_always_served(host: str | None) -> None:
+    for listen in ("127.0.0.1", "0.0.0.0", "::", "192.0.2.7"):
+        assert HostPolicy(listen).allows(host)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.com", "evil.com:8000", "localhost.evil.com", "127.0.0.1.evil.com", "example.com",
+     "192.0.2.7:8000", "[2001:db8::1]", "", "example.com:bad"],
+)
+def test_by_default_a_loopback_server_refuses_other_names_and_addresses(host: str) -> None:
+    """DNS rebinding: ``evil.com`` made to resolve to 127.0.0.1 is still ``evil.com``."""
+    assert not HostPolicy("127.0.0.1").allows(host)
+
+
+def test_the_address_listened_on_is_served_and_all_addresses_on_a_wildcard() -> None:
+    assert HostPolicy("192.0.2.7").allows("192.0.2.7:8000")
+    assert not HostPolicy("192.0.2.7").allows("192.0.2.8:8000")
+    assert HostPolicy("[2001:db8::1]").allows("[2001:db8::1]:8000")
+    for wildcard in ("0.0.0.0", "::", ""):
+        policy = HostPolicy(wildcard)
+        assert policy.allows("192.0.2.8:8000")
+        assert policy.allows("[2001:db8::5]")
+        assert not policy.allows("evil.com")  # a name still has to be configured
+    assert HostPolicy("myhost.lan").allows("MyHost.lan:8000")  # listening on a name
+
+
+def test_configured_names_exact_under_a_domain_or_any() -> None:
+    policy = HostPolicy("0.0.0.0", ["pixelstream.example.com", ".internal.example"])
+    assert policy.allows("pixelstream.example.com")
+    assert policy.allows("pixelstream.example.com.:443")
+    assert not policy.allows("other.example.com")
+    assert not policy.allows("pixelstream.example.com.evil.com")
+    assert policy.allows("internal.example")
+    assert policy.allows("a.b.internal.example:8000")
+    assert not policy.allows("notinternal.example")
+    assert HostPolicy("127.0.0.1", ["*"]).allows("anything.example")
+    assert not HostPolicy("127.0.0.1", ["*"]).allows("bad host")

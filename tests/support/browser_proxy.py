@@ -8,6 +8,9 @@ next WebSocket connection (``GET /v1/ws``):
 * :meth:`CuttingProxy.freeze_websocket_after` forwards ``n`` client bytes, then silently
   swallows the rest (a half-open connection: nothing arrives, nothing is refused).
 
+With ``refuse_websockets`` set, every ``GET /v1/ws`` is answered ``502 Bad Gateway`` and closed,
+as by a proxy that does not pass WebSockets; other requests go through.
+
 Every connection's byte counts are kept, so a test can tell what a client sent again.
 The proxy runs its own event loop in a thread and binds 127.0.0.1 only.
 """
@@ -57,6 +60,7 @@ class CuttingProxy:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cutting-proxy", daemon=True)
         self.port = 0
+        self.refuse_websockets = False
 
     # Life cycle -----------------------------------------------------------------------------
 
@@ -165,6 +169,13 @@ class CuttingProxy:
             while data := await reader.read(1 << 16):
                 if connection.kind == "unknown":
                     self._classify(connection, data)
+                    if connection.kind == "websocket" and self.refuse_websockets:
+                        client = connection._writers[0]
+                        client.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                        await client.drain()
+                        client.close()
+                        return
                 if frozen:
                     continue  # swallowed: the client's bytes go nowhere
                 limit = connection.fault_at

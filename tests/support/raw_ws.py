@@ -79,6 +79,8 @@ class RawWebSocket:
         protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"), max_size=None)
         request = protocol.connect()
         for name, value in (headers or {}).items():
+            if name in request.headers:  # replace (Host), not add a second one
+                del request.headers[name]
             request.headers[name] = value
         protocol.send_request(request)
         raw = cls(reader, writer, protocol)
@@ -141,6 +143,14 @@ class RawWebSocket:
             return None
         message: dict[str, Any] = orjson.loads(frame.data)
         return message
+
+    async def handshake_response(self) -> Response:
+        """The server's answer to the handshake (101, or the HTTP refusal with its body)."""
+        while self.response is None:
+            if self.eof or not await self._pump():
+                break
+        assert self.response is not None, "no handshake answer"
+        return self.response
 
     async def welcome(self) -> dict[str, Any]:
         message = await self.next_message()

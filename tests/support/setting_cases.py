@@ -31,6 +31,7 @@ SETTING_CASES: dict[str, tuple[str, Any]] = {
     "api_tokens_file": ("/etc/pixelstream/tokens", Path("/etc/pixelstream/tokens")),
     "allowed_origins": ("https://a.example, http://b.example:8080",
                         ("https://a.example", "http://b.example:8080")),
+    "allowed_hosts": ("api.example, .internal.example", ("api.example", ".internal.example")),
     "messages_per_second": ("12.5", 12.5),
     "message_burst": ("25", 25),
     "socket_bytes_per_second": ("1048576", 1048576),

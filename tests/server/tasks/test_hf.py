@@ -26,7 +26,8 @@ from server.tasks.contract import (
     parse_options,
     validate_options,
 )
-from server.tasks.hf import KINDS, ImageClassification, decode_hint_from_processor
+from server.tasks.hf import ImageClassification, decode_hint_from_processor
+from server.tasks.hf_kinds import KINDS
 from tests.support.tiny_models import tiny_mobilenet, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -639,7 +639,8 @@ async def trickled_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 async def test_a_body_that_trickles_in_is_cut_with_408(server_factory) -> None:
     server = server_factory(http_body_timeout_s=0.5, http_header_timeout_s=5)
     reader, writer = await raw_http(server.port)
-    writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\n"
                  b"Content-Length: 100000\r\n\r\n{\"image\": \"")
     started = time.monotonic()
     answer = await trickled_answer(reader, writer, b"A")
@@ -652,7 +653,7 @@ async def test_a_body_that_trickles_in_is_cut_with_408(server_factory) -> None:
 async def test_a_request_head_that_trickles_in_is_dropped(server_factory) -> None:
     server = server_factory(http_header_timeout_s=0.5)
     reader, writer = await raw_http(server.port)
-    writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: x\r\n")
+    writer.write(b"POST /api/analyze HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     started = time.monotonic()
     answer = await trickled_answer(reader, writer, b"X-Slow: 1\r\n")
     assert answer == b""  # no request was ever made: the connection is just closed
@@ -662,7 +663,7 @@ async def test_a_request_head_that_trickles_in_is_dropped(server_factory) -> Non
 async def test_the_head_deadline_applies_to_each_keep_alive_request(server_factory) -> None:
     server = server_factory(http_header_timeout_s=0.5)
     reader, writer = await raw_http(server.port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     await writer.drain()
     async with asyncio.timeout(10):
         head = await reader.readuntil(b"\r\n\r\n")
@@ -681,7 +682,7 @@ async def test_a_huge_request_head_is_refused(colors_server, http) -> None:
     """h11 buffers at most 64 KiB of head: beyond, 400 and close (the close may overtake the
     answer as a reset, since the rest of the head is never read)."""
     reader, writer = await raw_http(colors_server.port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 200_000)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Big: " + b"a" * 200_000)
     with contextlib.suppress(ConnectionError):
         await writer.drain()
     answer = await read_until_closed(reader)
@@ -701,3 +702,15 @@ async def test_a_request_that_does_not_fit_the_memory_budget_is_busy(server_fact
     small = await post_form(http, server, unique_image(40, 30))
     assert small.status_code == 200
     assert server.state.budget.held == 0
+
+
+async def test_a_form_field_given_twice_is_refused_not_picked(colors_server, http) -> None:
+    image = unique_image(40, 30)
+    for fields in ({"task": ["colors", "gate"]}, {"options": ["{}", '{"colors": 3}']}):
+        answer = await http.post(colors_server.http_url + "/v1/analyze", data=fields,
+                                 files={"file": ("image.png", image, "image/png")})
+        assert_error(answer, 400, "bad_message")
+    answer = await http.post(colors_server.http_url + "/v1/analyze",
+                             files=[("file", ("a.png", image, "image/png")),
+                                    ("file", ("b.png", image, "image/png"))])
+    assert_error(answer, 400, "bad_message")

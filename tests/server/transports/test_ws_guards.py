@@ -18,7 +18,8 @@ import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.ws import UVICORN_NO_HANDSHAKE, RefusalNoise
+from server.exposure import UVICORN_NO_HANDSHAKE, RefusalNoise
+from server.transports.ws import SEND_HIGH_WATER
 from tests.conftest import WAIT_S, RunningServer, connect, unique_image
 from tests.support.raw_ws import OP_CONT, OP_TEXT, RawWebSocket, frame_bytes
 
@@ -226,9 +227,9 @@ async def test_a_peer_that_never_reads_is_not_read_either_and_memory_stays_bound
             raw.writer.write(message)
         await raw.writer.drain()  # all of it left this process: the server's kernel has it
         (session,) = sessions(server)
-        await until(lambda: not session.outbox._drained.is_set(), "the outbox to fill")
+        await until(lambda: session.pending > SEND_HIGH_WATER, "the outbox to fill")
         assert session.messages_received < total
-        assert len(session.outbox) <= session.outbox.high_water + 1
+        assert session.pending <= SEND_HIGH_WATER + 1
         assert server.state.budget.held <= len(b"not json")
         # Now read: the server resumes, and every message got exactly one reply.
         replies = 0
@@ -261,7 +262,7 @@ async def test_a_reader_blocked_on_a_dead_peer_ends_its_session(server_factory) 
             raw.writer.write(frame_bytes(OP_TEXT, b"[]"))
         await raw.writer.drain()
         (session,) = sessions(server)
-        await until(lambda: not session.outbox._drained.is_set(), "the outbox to fill")
+        await until(lambda: session.pending > SEND_HIGH_WATER, "the outbox to fill")
         # Never reading, the peer answers no ping either: uvicorn drops the connection.
     await until(lambda: sample(server, "pixelstream_active_sockets") == 0, "the session's end")
     assert session.closed

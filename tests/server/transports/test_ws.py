@@ -10,7 +10,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from chunking.errors import ErrorCode
-from server import ws as ws_module
+from server.transports import ws as ws_module
 from tests.conftest import RunningServer, connect
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")

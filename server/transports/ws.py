@@ -1,4 +1,7 @@
-"""``GET /v1/ws``: check the handshake, then read → feed the session → send, until the end.
+"""``GET /v1/ws``: check the handshake, then read → feed the connection → send, until the end.
+
+The protocol itself is :class:`server.protocol.ServerConnection`; this module only moves
+frames: one reader loop feeding it, one sender task flushing what it queues.
 
 The reader loop is where the socket's limits live: before each read it waits for room in the
 process's memory budget (so when the budget is spent no socket is read, and the kernel's TCP
@@ -15,7 +18,6 @@ import contextlib
 import logging
 import time
 from collections.abc import MutableMapping
-from contextvars import ContextVar
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -25,8 +27,9 @@ from starlette.websockets import WebSocketDisconnect
 from chunking.errors import ErrorCode, ProtocolError
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS
+from server.exposure import HANDSHAKE_REFUSED
 from server.logs import bind_log_context
-from server.session import Outbox, Session
+from server.protocol import ServerConnection
 from server.state import AppState
 
 router = APIRouter()
@@ -38,28 +41,6 @@ still have something to send. (1008, policy violation, means "do not retry" to o
 CLOSE_TIMEOUT_S = 5.0
 """How long the close frame may wait to be written to a peer that does not read."""
 
-_refused: ContextVar[bool] = ContextVar("pixelstream_handshake_refused", default=False)
-"""Set in the handshake's own task when it is refused with an HTTP answer."""
-
-UVICORN_NO_HANDSHAKE = "ASGI callable returned without completing handshake"
-
-
-class RefusalNoise(logging.Filter):
-    """uvicorn 0.54 logs ``ERROR ASGI callable returned without completing handshake`` after
-    every handshake refused with an HTTP answer (its denial-response path never marks the
-    handshake done), and it is logged in that handshake's task. This drops the record there
-    only: an app that really returned without answering is still logged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (_refused.get() and record.getMessage().startswith(UVICORN_NO_HANDSHAKE))
-
-
-def quiet_refusals() -> None:
-    """Install :class:`RefusalNoise` on uvicorn's error logger (once per process)."""
-    logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, RefusalNoise) for f in logger.filters):
-        logger.addFilter(RefusalNoise())
-
 
 async def _refuse(websocket: WebSocket, code: ErrorCode, message: str,
                   reason: str | None = None) -> None:
@@ -70,7 +51,7 @@ async def _refuse(websocket: WebSocket, code: ErrorCode, message: str,
     if state is not None:
         state.metrics.handshake_refusals.labels(reason or code.value).inc()
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        _refused.set(True)
+        HANDSHAKE_REFUSED.set(True)
         await websocket.send_denial_response(
             JSONResponse({"code": code.value, "message": message},
                          status_code=HTTP_STATUS[code])
@@ -114,7 +95,52 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await app.client_limits.disconnect(client)
 
 
-async def _next_message(websocket: WebSocket, session: Session, idle_s: float
+SEND_HIGH_WATER = 256
+"""Frames a connection may queue for a peer that does not read before it is no longer read."""
+
+
+class Sender:
+    """Sends what the connection queues, in a task of its own. The reader waits for
+    :meth:`drained` after each message, so a client that does not read stops being read
+    (backpressure)."""
+
+    def __init__(self, high_water: int = SEND_HIGH_WATER) -> None:
+        self.high_water = high_water
+        self.connection: ServerConnection | None = None
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._frames: list[str] = []
+
+    def wake(self) -> None:
+        """The connection queued something (its ``on_output``)."""
+        self._ready.set()
+        if self.connection is not None and self.connection.pending > self.high_water:
+            self._drained.clear()
+
+    async def drained(self) -> None:
+        await self._drained.wait()
+
+    async def run(self, websocket: WebSocket) -> None:
+        """Send queued frames until cancelled (or the socket fails)."""
+        assert self.connection is not None
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while frames := self.connection.data_to_send():
+                    for frame in frames:
+                        await websocket.send_text(frame)
+                    if self.connection.pending <= self.high_water // 2:
+                        self._drained.set()
+        finally:
+            # Nothing will drain the queue now: wake a reader waiting on drained(), so it sees
+            # the sender gone and ends the session (else it would wait for ever, holding the
+            # connection's place and its uploads).
+            self._drained.set()
+
+
+async def _next_message(websocket: WebSocket, session: ServerConnection, idle_s: float
                         ) -> MutableMapping[str, Any] | None:
     """The next ASGI event, or None once the socket has been idle for ``idle_s``: no message
     from the client, no outcome sent to it, and nothing it waits for being worked on."""
@@ -133,8 +159,9 @@ async def _next_message(websocket: WebSocket, session: Session, idle_s: float
 
 
 async def _serve(websocket: WebSocket, app: AppState, principal: str | None, client: str) -> None:
-    outbox = Outbox()
-    session = Session(app, outbox, principal, client)
+    outbox = Sender()
+    session = ServerConnection(app, principal, client, on_output=outbox.wake)
+    outbox.connection = session
     bind_log_context(session=session.key)  # uvicorn's "accepted" line carries it too
     await websocket.accept()
     sender = asyncio.create_task(outbox.run(websocket), name="ws-sender")
@@ -173,6 +200,7 @@ async def _serve(websocket: WebSocket, app: AppState, principal: str | None, cli
                     await session.receive_binary(data)
             finally:
                 budget.release(size)
+            await outbox.drained()
             del text, data, message
             if sender.done():
                 reason = "send_failed"

@@ -1,4 +1,7 @@
-"""HTTP routes: whole-image analysis (JSON Base64 or multipart), health, metrics, demo page."""
+"""HTTP routes: whole-image analysis (JSON Base64 or multipart), health, metrics, demo page.
+
+The analysis itself is the upload service's (:meth:`server.uploads.UploadService.analyze`).
+"""
 
 from __future__ import annotations
 
@@ -115,14 +118,8 @@ def _options(value: Any) -> dict[str, Any]:
 
 async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: Task,
                    options: dict[str, Any], principal: str | None) -> JSONResponse:
-    service = app.service
-    key = service.cache_key(sha256, spec, options, principal)
-    payload = await service.lookup(key)
-    timings: dict[str, float] = {}
-    cached = payload is not None
-    if payload is None:
-        payload, timings = await service.run(spec, options, image, key)
-        app.metrics.observe_timings(timings)
+    payload, cached, timings = await app.uploads.analyze(spec, options, image, sha256, principal)
+    app.metrics.observe_timings(timings)
     return JSONResponse({**payload, "cached": cached, "timings_ms": timings})
 
 
@@ -260,6 +257,9 @@ async def analyze_multipart(request: Request) -> Response:
 async def _analyze_form(app: AppState, form: Any, principal: str | None) -> Response:
     """The multipart route's work once its form is parsed (and closed afterwards)."""
     try:
+        for name in ("file", "task", "options"):
+            if len(form.getlist(name)) > 1:  # one would be picked silently: refuse instead
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"the form has more than one {name!r}")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "the form needs a 'file' field")
