@@ -433,16 +433,58 @@ async def test_a_decode_bomb_as_a_camera_frame_meets_the_same_limits(
 # What the WebSocket layer refuses: the socket closes, nothing else does -----------------------
 
 
-async def test_invalid_utf8_in_a_text_frame_closes_only_that_socket_1007(server, open_client
-                                                                         ) -> None:
+async def test_invalid_utf8_in_a_text_frame_closes_only_that_socket_1007(
+    server, open_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
     async def hostile(_: ProtocolClient) -> None:
-        async with RawWebSocket.connect(server.port) as raw:
-            await raw.welcome()
-            await raw.send_raw(frame_bytes(OP_TEXT, b'{"type": "\xff\xfe"}'))
-            async with asyncio.timeout(WAIT_S):
-                assert await raw.closed() == 1007
+        for _ in range(3):  # each one used to log an ERROR with a traceback
+            async with RawWebSocket.connect(server.port) as raw:
+                await raw.welcome()
+                await raw.send_raw(frame_bytes(OP_TEXT, b'{"type": "\xff\xfe"}'))
+                async with asyncio.timeout(WAIT_S):
+                    assert await raw.closed() == 1007
 
     await alongside(server, open_client, hostile)
+    noted = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(noted) == 3
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in noted)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_client_dropping_its_analyze_body_is_no_fault(
+    server, open_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends half its body and disconnects: the server notes it, counts no
+    ``internal`` error, logs no traceback, and holds nothing for it afterwards."""
+    caplog.set_level(logging.INFO)
+    registry = server.state.metrics.registry
+
+    def internal() -> float:
+        return registry.get_sample_value("pixelstream_errors_total", {"code": "internal"}) or 0
+
+    before = internal()
+
+    async def hostile(_: ProtocolClient) -> None:
+        form_head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+        for path, content_type, head in (
+            ("/api/analyze", "application/json", b'{"image": "'),
+            ("/v1/analyze", "multipart/form-data; boundary=b", form_head),
+        ):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n"
+                         .encode() + head + b"A" * 5000)
+            await writer.drain()
+            writer.close()  # gone, mid-body
+            await writer.wait_closed()
+
+    await alongside(server, open_client, hostile)
+    await until(lambda: len([r for r in caplog.records if "went away" in r.getMessage()]) == 2,
+                "both dropped requests to be noted")
+    assert internal() == before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_a_message_beyond_the_transport_limit_closes_only_that_socket_1009(
