@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -149,3 +150,53 @@ def test_the_admin_routes_are_off_without_a_token(
         assert refused.status_code == 404
     finally:
         running.stop()
+
+
+REDIS_URL = os.environ.get("PIXELSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def _redis_or_skip() -> None:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        client.flushdb()
+        client.close()
+    except redis.RedisError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+
+
+async def _switched(task: VersionedClassification, revision: str) -> None:
+    """Until ``task`` (another gateway's) has followed the switch: the announcement arrives
+    on that gateway's own pub/sub connection, with no event to wait on from here."""
+    deadline = time.monotonic() + 30
+    while task.active != revision:
+        assert time.monotonic() < deadline, "the other gateway did not follow the switch"
+        await asyncio.sleep(0.02)
+
+
+async def test_with_redis_every_gateway_follows_a_switch(
+        versions: tuple[ModelVersions, str, str]) -> None:
+    _redis_or_skip()
+    store, first, second = versions
+    folder = str(store.folder)
+    switching = start_server(fast_settings(redis_url=REDIS_URL, workers=1, admin_token=TOKEN),
+                             tasks=served(folder))
+    following = start_server(fast_settings(redis_url=REDIS_URL, workers=0), tasks=served(folder))
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            assert (await classify(http, following.http_url))["revision"] == first
+            done = await http.post(switching.http_url + "/v1/admin/models/shapes/activate",
+                                   headers=AUTH, json={"revision": second})
+            assert done.status_code == 200, done.text
+            task = following.state.service.specs["classify"]
+            assert isinstance(task, VersionedClassification)
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                _switched(task, second), following.loop))
+            body = await classify(http, following.http_url)
+            assert body["revision"] == second
+            assert {x["label"] for x in body["result"]["labels"]} <= LABELS["b"]
+            assert (await classify(http, switching.http_url))["revision"] == second
+    finally:
+        following.stop()
+        switching.stop()
