@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from server import docs, exposure, openapi
 from server.analysis import AnalysisService
 from server.auth import HostPolicy, TokenAuth
-from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
+from server.limits import ClientLimits, KeyedBuckets, MemoryBudget, shared_client_share
 from server.logs import install_redaction
 from server.metrics import Metrics
 from server.pipeline.pool import WorkerPool
@@ -131,7 +131,9 @@ async def _shared_backends(settings: Settings, registry: Registry, metrics: Metr
     assert settings.redis_url is not None
     redis = connect_redis(settings.redis_url)
     stack.push_async_callback(redis.aclose)
-    store = RedisUploadStore(redis, idle_s=settings.upload_idle_timeout_s)
+    total = settings.redis_upload_bytes or settings.memory_budget_bytes
+    store = RedisUploadStore(redis, idle_s=settings.upload_idle_timeout_s, total_bytes=total,
+                             client_bytes=shared_client_share(total, settings.max_image_bytes))
     cache = TieredResultCache(LruResultCache(settings.cache_entries),
                               RedisResultCache(redis, ttl_s=settings.result_ttl_s))
     queue = RedisJobQueue(redis, max_queue=settings.max_queue, metrics=metrics)
@@ -181,6 +183,25 @@ async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> N
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.gather(*flat, return_exceptions=True)
+
+
+async def _follow_model_switches(app: FastAPI, settings: Settings, service: AnalysisService,
+                                 stack: contextlib.AsyncExitStack) -> None:
+    """With Redis and a versioned model: announce this gateway's switches, follow others'."""
+    from server.models import admin
+
+    if not settings.redis_url or not admin.versioned_tasks(service):
+        return
+    redis = connect_redis(settings.redis_url)
+    stack.push_async_callback(redis.aclose)
+    app.state.publish_switch = admin.publisher(redis)
+    follower = asyncio.create_task(admin.follow_switches(redis, service),
+                                   name="follow-model-switches")
+
+    async def stop() -> None:
+        await _cancel_all(follower)
+
+    stack.push_async_callback(stop)
 
 
 def client_share(settings: Settings) -> int:
@@ -251,6 +272,7 @@ def create_app(
 
             await queue.start()
             stack.push_async_callback(stop_queue)
+            await _follow_model_switches(app, settings, service, stack)
             sweeper = asyncio.create_task(_sweep(state), name="expire-idle-uploads")
             try:
                 yield
@@ -304,6 +326,9 @@ def create_app(
     app.include_router(http.router)
     app.include_router(tus.router)
     app.include_router(task_routes.router)
+    from server.models import admin as model_admin
+
+    app.include_router(model_admin.router)
     openapi.install(app, [entry.task.name for entry in registry.entries], tokens=auth.required)
     # The demo page's assets; static/client links to client_js/src, so the page loads the
     # very files of the browser library (symlinks inside the folder are followed).

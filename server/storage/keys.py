@@ -25,6 +25,11 @@ def upload_lock(token: str) -> str:
     return f"{PREFIX}upload:{token}:lock"
 
 
+HELD_BYTES = PREFIX + "uploads:held"
+"""Hash: client → bytes of its unfinished uploads in Redis, and ``*`` → all clients' (the
+byte caps). Each upload's record names the client (``client``) its bytes count against."""
+
+
 def staged_image(name: str) -> str:
     """String: a whole image that arrived in one piece (HTTP), for a worker to read."""
     return f"{PREFIX}image:{name}"
@@ -86,3 +91,9 @@ CONNECTIONS_TTL_S = 3600
 """Connection counts of a crashed gateway's clients fade after this."""
 WORKER_STALE_S = 10.0
 """A worker without a heartbeat for this long no longer counts as ready."""
+
+
+# Model rollouts.
+MODEL_SWITCHES = PREFIX + "models:switches"
+"""Pub/sub channel: a gateway that switched a model's revision announces it here (JSON
+``{"name", "revision"}``); every other gateway follows."""

@@ -31,6 +31,7 @@ from websockets.exceptions import InvalidStatus
 
 from chunking.codec import encode_client_binary
 from chunking.messages import Chunk, Frame
+from server.auth import principal_of
 from server.pipeline.decode import DEFAULT_DECODE_DEADLINE_S
 from server.tasks.builtin.colors import Colors
 from tests.conftest import (
@@ -433,16 +434,58 @@ async def test_a_decode_bomb_as_a_camera_frame_meets_the_same_limits(
 # What the WebSocket layer refuses: the socket closes, nothing else does -----------------------
 
 
-async def test_invalid_utf8_in_a_text_frame_closes_only_that_socket_1007(server, open_client
-                                                                         ) -> None:
+async def test_invalid_utf8_in_a_text_frame_closes_only_that_socket_1007(
+    server, open_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
     async def hostile(_: ProtocolClient) -> None:
-        async with RawWebSocket.connect(server.port) as raw:
-            await raw.welcome()
-            await raw.send_raw(frame_bytes(OP_TEXT, b'{"type": "\xff\xfe"}'))
-            async with asyncio.timeout(WAIT_S):
-                assert await raw.closed() == 1007
+        for _ in range(3):  # each one used to log an ERROR with a traceback
+            async with RawWebSocket.connect(server.port) as raw:
+                await raw.welcome()
+                await raw.send_raw(frame_bytes(OP_TEXT, b'{"type": "\xff\xfe"}'))
+                async with asyncio.timeout(WAIT_S):
+                    assert await raw.closed() == 1007
 
     await alongside(server, open_client, hostile)
+    noted = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(noted) == 3
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in noted)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_client_dropping_its_analyze_body_is_no_fault(
+    server, open_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends half its body and disconnects: the server notes it, counts no
+    ``internal`` error, logs no traceback, and holds nothing for it afterwards."""
+    caplog.set_level(logging.INFO)
+    registry = server.state.metrics.registry
+
+    def internal() -> float:
+        return registry.get_sample_value("pixelstream_errors_total", {"code": "internal"}) or 0
+
+    before = internal()
+
+    async def hostile(_: ProtocolClient) -> None:
+        form_head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+        for path, content_type, head in (
+            ("/api/analyze", "application/json", b'{"image": "'),
+            ("/v1/analyze", "multipart/form-data; boundary=b", form_head),
+        ):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n"
+                         .encode() + head + b"A" * 5000)
+            await writer.drain()
+            writer.close()  # gone, mid-body
+            await writer.wait_closed()
+
+    await alongside(server, open_client, hostile)
+    await until(lambda: len([r for r in caplog.records if "went away" in r.getMessage()]) == 2,
+                "both dropped requests to be noted")
+    assert internal() == before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_a_message_beyond_the_transport_limit_closes_only_that_socket_1009(
@@ -491,6 +534,53 @@ async def test_a_dns_rebinding_page_reaches_nothing(server, open_client) -> None
             assert (answer.status_code, answer.json()["code"]) == (403, "forbidden_origin")
 
     await alongside(server, open_client, hostile)
+
+
+# Redis mode: bytes parked in the shared store ----------------------------------------------------
+
+REDIS_URL = os.environ.get("PIXELSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+async def test_one_client_parks_no_more_than_its_share_in_redis(server_factory, open_client
+                                                                ) -> None:
+    """Uploads sent all but their last byte, parked in Redis: one client stops at its share
+    (``busy`` on the chunk past it) and another client's upload is served meanwhile."""
+    from server.storage.redis import connect as connect_redis
+
+    redis = connect_redis(REDIS_URL)
+    await redis.flushdb()
+    await redis.aclose()
+    cap = 4 * 1024 * 1024
+    server = server_factory(redis_url=REDIS_URL, redis_upload_bytes=cap,
+                            api_tokens=("attacker-token", "victim-token"))
+    share = cap // 2  # a largest upload (8 MiB here) needs more than a quarter: half
+    size, piece = 1024 * 1024, 256 * 1024
+    async with open_client(server.ws_url + "?token=attacker-token") as attacker:
+        refused = 0
+        for n in range(4):
+            await attacker.upload(f"park{n}", size)
+            await attacker.expect("accepted", id=f"park{n}")
+            for offset in range(0, size - piece, piece):
+                await attacker.chunk(f"park{n}", offset, b"p" * piece)
+            await attacker.chunk(f"park{n}", size - piece, b"p" * (piece - 1))
+            for _ in range(size // piece):
+                answer = await attacker.expect(lambda m, n=n: m.get("id") == f"park{n}")
+                if answer["type"] == "error" and answer["code"] == "busy":
+                    assert answer["retry_after_ms"] > 0
+                    refused += 1
+                elif answer["type"] == "error":  # the chunks after a refused one
+                    assert answer["code"] == "offset_mismatch", answer
+                    assert refused
+        assert refused > 0
+        store = server.state.store
+        principal = principal_of("attacker-token")
+        held = server.call(store.held_bytes(principal))
+        assert share - piece < held <= share
+        async with open_client(server.ws_url + "?token=victim-token") as victim:
+            started = time.monotonic()
+            assert_normal_result(await normal_upload(victim))
+            assert time.monotonic() - started < 10
+    assert server.call(store.held_bytes()) <= cap
 
 
 # Floods -------------------------------------------------------------------------------------------
