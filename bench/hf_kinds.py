@@ -198,6 +198,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown kinds: {', '.join(unknown)}")
     images = photos(args.images)
+    load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as root:
         build = builders(args.size)
@@ -206,7 +207,8 @@ def main() -> None:
             rows.append(measure(kind, folder, images, args.batch, args.rounds))
             print(f"{kind}: done", file=sys.stderr, flush=True)
     print(f"{args.size} models, {args.images} images of 640x480, batches of {args.batch}, "
-          f"{args.threads} torch thread(s), best of {args.rounds} rounds\n")
+          f"{args.threads} torch thread(s), best of {args.rounds} rounds; load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| kind | model | one by one, ms/image | batched, ms/image | batched speed-up |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -251,6 +251,9 @@ def _section(by_key: dict[str, Contender], rounds: int, size_mib: int, size: int
               0.85),
         Check("binary ingest vs bare endpoint, each at its best message size (1 or 4 MiB)",
               best_binary / best("bare", "bare4"), 0.85),
+        Check("binary ingest vs the bare endpoint that also computes SHA-256 as bytes arrive "
+              "(what the protocol requires), both in 1 MiB messages",
+              ratio("binary", "bare_sha"), 0.9),
         Check("binary ingest vs multipart", ratio("binary", "multipart"), 2.0),
         Check("binary ingest vs tus, in 1 MiB chunks vs one PATCH", ratio("binary", "tus"), 2.0),
         Check("binary ingest vs tus, each at its best (pixelstream 1 or 4 MiB chunks, tus one "

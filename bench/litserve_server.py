@@ -2,7 +2,10 @@
 same preprocessing, the same MobileNetV2 with BatchNorm folded, the same top-5 answer; the
 torch threads a pixelstream worker gets. Run by :mod:`bench.inference`::
 
-    python -m bench.litserve_server PORT --max-batch-size 8 --batch-timeout-ms 5 --threads 1
+    python -m bench.litserve_server PORT --max-batch-size 8 --batch-timeout-ms 5 --threads 1 \
+        --workers 2
+
+LitServe is a benchmark dependency (``scripts/install.sh bench``), not the server's.
 
 ``POST /predict`` with ``{"image": "<base64>"}``.
 """
@@ -61,13 +64,14 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="inference workers")
     args = parser.parse_args()
     # Inherited by the inference worker LitServe spawns; read by torch when imported there.
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(args.threads)
     api = ClassifyAPI(max_batch_size=args.max_batch_size,
                       batch_timeout=args.batch_timeout_ms / 1000)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers)
     server.run(port=args.port, log_level="warning", generate_client_file=False)
 
 

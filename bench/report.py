@@ -13,6 +13,8 @@ class Check:
     value: float
     target: float
     higher_is_better: bool = True
+    unit: str = "x"
+    """How the value and target print: ``x`` for ratios, `` ms`` for latencies."""
 
     @property
     def met(self) -> bool:
@@ -20,8 +22,8 @@ class Check:
 
     def markdown_row(self) -> str:
         sign = "≥" if self.higher_is_better else "≤"
-        return (f"| {self.name} | {self.value:.2f}x | {sign} {self.target:g}x | "
-                f"{'met' if self.met else '**missed**'} |")
+        return (f"| {self.name} | {self.value:.2f}{self.unit} | "
+                f"{sign} {self.target:g}{self.unit} | {'met' if self.met else '**missed**'} |")
 
 
 @dataclass

@@ -22,11 +22,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import camera, huge_photo, inference, ingest, sockets
+from bench import camera, huge_photo, inference, ingest, sockets, tus
 from bench.common import ROOT, machine
 from bench.report import Section
 
-ALL = ("ingest", "huge_photo", "inference", "camera", "sockets")
+ALL = ("ingest", "huge_photo", "inference", "camera", "sockets", "tus")
 
 
 def _versions() -> str:
@@ -77,6 +77,8 @@ def main() -> None:
                 sections.append(camera.run(**rounds, model=model))
             elif name == "sockets":
                 sections.append(sockets.run(**rounds))
+            elif name == "tus":
+                sections.append(tus.run(**rounds))
         except Exception as exc:  # one benchmark's failure must not lose the others' figures
             traceback.print_exc()
             sections.append(Section(key=name, title=f"{name}: failed", intro=f"`{exc!r}`",

@@ -110,7 +110,10 @@ class AnalysisService:
                 f"unknown task {name!r}; this server offers {', '.join(self.specs)}",
             )
         try:
-            return task, validate_options(task, options)
+            checked = validate_options(task, options)
+            # A task serving several model revisions stamps the one that will answer.
+            stamp = getattr(task, "resolve_options", None)
+            return task, stamp(checked) if callable(stamp) else checked
         except OptionsError as exc:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc)) from None
 
@@ -173,7 +176,8 @@ class AnalysisService:
         Cancelling the awaiting task withdraws the job. Raises ProtocolError on failure.
         """
         ticket = self.pool.submit(task.name, options, image, self.max_pixels, job_id=job_id)
-        return await self._outcome(ticket, task, key, on_stage)
+        return await self._outcome(ticket, task, key, on_stage,
+                                   revision=options.get("revision") or None)
 
     async def follow(
         self, task: Task, job_id: str, on_stage: StageCallback | None = None
@@ -182,7 +186,8 @@ class AnalysisService:
         return await self._outcome(self.pool.attach(job_id), task, None, on_stage)
 
     async def _outcome(
-        self, ticket: Ticket, task: Task, key: str | None, on_stage: StageCallback | None
+        self, ticket: Ticket, task: Task, key: str | None, on_stage: StageCallback | None,
+        *, revision: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         timings: dict[str, float] = {}
         try:
@@ -211,6 +216,11 @@ class AnalysisService:
                         "image": image,
                         "model": task.model.id,
                     }
+                    # The weights that answered: the job's own revision where it carries
+                    # one (a versioned model switching), else the task's.
+                    answered = revision or task.model.revision
+                    if answered:
+                        payload["revision"] = answered
                     if key is not None:
                         await self.cache.set(key, payload)
                     return payload, timings

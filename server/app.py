@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from server import docs, exposure
+from server import docs, exposure, openapi
 from server.analysis import AnalysisService
 from server.auth import HostPolicy, TokenAuth
 from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
@@ -177,6 +177,25 @@ async def _cancel_all(*tasks: asyncio.Task[None] | set[asyncio.Task[None]]) -> N
         await asyncio.gather(*flat, return_exceptions=True)
 
 
+async def _follow_model_switches(app: FastAPI, settings: Settings, service: AnalysisService,
+                                 stack: contextlib.AsyncExitStack) -> None:
+    """With Redis and a versioned model: announce this gateway's switches, follow others'."""
+    from server.models import admin
+
+    if not settings.redis_url or not admin.versioned_tasks(service):
+        return
+    redis = connect_redis(settings.redis_url)
+    stack.push_async_callback(redis.aclose)
+    app.state.publish_switch = admin.publisher(redis)
+    follower = asyncio.create_task(admin.follow_switches(redis, service),
+                                   name="follow-model-switches")
+
+    async def stop() -> None:
+        await _cancel_all(follower)
+
+    stack.push_async_callback(stop)
+
+
 def client_share(settings: Settings) -> int:
     """The most of the memory budget one client's uploads may hold: a quarter, or one largest
     upload if that is more."""
@@ -245,6 +264,7 @@ def create_app(
 
             await queue.start()
             stack.push_async_callback(stop_queue)
+            await _follow_model_switches(app, settings, service, stack)
             sweeper = asyncio.create_task(_sweep(state), name="expire-idle-uploads")
             try:
                 yield
@@ -298,6 +318,10 @@ def create_app(
     app.include_router(http.router)
     app.include_router(tus.router)
     app.include_router(task_routes.router)
+    from server.models import admin as model_admin
+
+    app.include_router(model_admin.router)
+    openapi.install(app, [entry.task.name for entry in registry.entries], tokens=auth.required)
     # The demo page's assets; static/client links to client_js/src, so the page loads the
     # very files of the browser library (symlinks inside the folder are followed).
     from pathlib import Path

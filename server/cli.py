@@ -3,7 +3,8 @@
 ``pixelstream serve`` runs the service on embedded defaults; every setting is a flag
 (``--max-chunk-bytes``) and a variable (``PIXELSTREAM_MAX_CHUNK_BYTES``), flags winning.
 ``pixelstream model prepare`` builds the bundled model's folder ahead of time.
-``pixelstream finetune DATA_DIR --out MODEL_DIR`` trains a classifier on labelled images.
+``pixelstream finetune DATA_DIR --out MODEL_DIR`` trains a classifier on labelled images;
+``pixelstream models`` manages a folder of model versions (or a running server's).
 ``pixelstream upload``, ``camera`` and ``analyze`` are the client's (:mod:`chunking.cli`).
 """
 
@@ -63,8 +64,40 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--dir", type=Path, default=None, help="target folder")
     prepare.add_argument("--force", action="store_true", help="rebuild even if present")
     _finetune_parser(commands)
+    _models_parser(commands)
     add_client_commands(commands)
     return parser
+
+
+def _models_parser(commands: Any) -> None:
+    models = commands.add_parser(
+        "models", help="a folder of model versions: list, add, activate, roll back",
+        description="Manage MODELS/<name>/<revision>/ folders. With --server (and --token), "
+                    "activate, rollback and list act on a running server's admin routes.")
+    actions = models.add_subparsers(dest="models_command", required=True)
+
+    def common(parser: argparse.ArgumentParser, *, remote: bool = True) -> None:
+        parser.add_argument("--root", type=Path, default=None,
+                            help="the models folder (env PIXELSTREAM_MODELS_ROOT)")
+        if remote:
+            parser.add_argument("--server", default=None, metavar="URL",
+                                help="act on this running server instead of the folder")
+            parser.add_argument("--token", default=None,
+                                help="its admin token (env PIXELSTREAM_ADMIN_TOKEN)")
+
+    common(actions.add_parser("list", help="every model and revision (* marks the active)"))
+    add = actions.add_parser("add", help="copy a model folder in as NAME/<its revision>")
+    add.add_argument("name")
+    add.add_argument("folder", type=Path)
+    add.add_argument("--activate", action="store_true", help="and make it the active one")
+    common(add, remote=False)
+    activate = actions.add_parser("activate", help="make REV the active revision of NAME")
+    activate.add_argument("name")
+    activate.add_argument("revision")
+    common(activate)
+    rollback = actions.add_parser("rollback", help="back to the revision active before")
+    rollback.add_argument("name")
+    common(rollback)
 
 
 def _finetune_parser(commands: Any) -> None:
@@ -159,10 +192,10 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format, settings.api_tokens)
+    registry = checked_registry(settings)  # before listening: a bad task stops here, alone
     if settings.workers:
         logging.getLogger("pixelstream").info(
             "%s", inference_summary(settings, explicit_settings(args)))
-    registry = checked_registry(settings)  # before listening: a bad task stops here
     uvicorn.run(create_app(settings, tasks=registry), **uvicorn_config(settings))
     return 0
 
@@ -181,9 +214,9 @@ def run_workers(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    registry = checked_registry(settings)  # a bad tasks file is one line, with nothing before
     logging.getLogger("pixelstream").info(
         "%s", inference_summary(settings, explicit_settings(args)))
-    registry = checked_registry(settings)
     prepare_tasks(_needs_prepare([entry.task for entry in registry.entries]))
     return supervise(stream_worker_config(settings, registry), max(1, settings.workers))
 
@@ -218,6 +251,84 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_models(args: argparse.Namespace) -> int:
+    """``pixelstream models``: on the folder, or through a server's admin routes."""
+    from server.models.store import ModelVersions, VersionError, list_models
+
+    server = getattr(args, "server", None)
+    if server:
+        return _models_on_server(args, server)
+    root = args.root or os.environ.get("PIXELSTREAM_MODELS_ROOT")
+    if not root:
+        print("error: pixelstream models needs --root MODELS (or PIXELSTREAM_MODELS_ROOT)",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.models_command == "list":
+            for model in list_models(root):
+                print(model.name)
+                for version in model.versions():
+                    accuracy = ("" if version.accuracy is None
+                                else f"  accuracy {version.accuracy:.4f}")
+                    print(f"  {'*' if version.active else ' '} {version.revision}  "
+                          f"{version.model_id}{accuracy}")
+            return 0
+        versions = ModelVersions.under(root, args.name)
+        if args.models_command == "add":
+            revision = versions.add(args.folder, activate=args.activate)
+            print(f"{args.name} {revision}{' (active)' if versions.active() == revision else ''}")
+        elif args.models_command == "activate":
+            print(f"{args.name} {versions.activate(args.revision)} is active")
+        else:
+            print(f"{args.name} {versions.rollback()} is active")
+    except VersionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _models_on_server(args: argparse.Namespace, server: str) -> int:
+    import httpx
+
+    token = args.token or os.environ.get("PIXELSTREAM_ADMIN_TOKEN")
+    if not token:
+        print("error: --server needs --token (or PIXELSTREAM_ADMIN_TOKEN)", file=sys.stderr)
+        return 2
+    base = server.rstrip("/") + "/v1/admin/models"
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        if args.models_command == "list":
+            response = httpx.get(base, headers=headers, timeout=30)
+        elif args.models_command == "activate":
+            response = httpx.post(f"{base}/{args.name}/activate", headers=headers,
+                                  json={"revision": args.revision}, timeout=180)
+        elif args.models_command == "rollback":
+            response = httpx.post(f"{base}/{args.name}/rollback", headers=headers, timeout=180)
+        else:
+            print("error: add works on the folder (--root), not on a server", file=sys.stderr)
+            return 2
+    except httpx.HTTPError as exc:
+        print(f"error: {server}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message") or response.text
+        except ValueError:
+            message = response.text
+        print(f"error: {response.status_code}: {message}", file=sys.stderr)
+        return 1
+    body = response.json()
+    if args.models_command == "list":
+        for model in body["models"]:
+            print(model["name"])
+            for version in model["revisions"]:
+                mark = "*" if version["revision"] == model["serving"] else " "
+                print(f"  {mark} {version['revision']}  {version['model']}")
+    else:
+        print(f"{body['name']} {body['revision']} is active (was {body['previous']})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -231,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_workers(args)
         if args.command == "finetune":
             return run_finetune(args)
+        if args.command == "models":
+            return run_models(args)
     except ValueError as exc:  # a setting that does not parse or fit, a bad tasks file
         print(f"error: {exc}", file=sys.stderr)
         return 2

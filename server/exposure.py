@@ -42,11 +42,30 @@ class RefusalNoise(logging.Filter):
                     and record.getMessage().startswith(UVICORN_NO_HANDSHAKE))
 
 
+UVICORN_INVALID_UTF8 = "Invalid UTF-8 sequence received from client"
+
+
+class ClientFaultNoise(logging.Filter):
+    """uvicorn logs a text frame that is not UTF-8 as an ERROR with a traceback, though it is
+    the client's fault and fully handled (the socket is closed 1007): any client could fill
+    the log with them. Such records are kept as one INFO line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(UVICORN_INVALID_UTF8):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+            record.msg = "a client sent a text frame that is not UTF-8 (closed 1007)"
+            record.args = ()
+        return True
+
+
 def quiet_refusals() -> None:
-    """Install :class:`RefusalNoise` on uvicorn's error logger (once per process)."""
+    """Install :class:`RefusalNoise` and :class:`ClientFaultNoise` on uvicorn's error logger
+    (once per process)."""
     logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, RefusalNoise) for f in logger.filters):
-        logger.addFilter(RefusalNoise())
+    for noise in (RefusalNoise, ClientFaultNoise):
+        if not any(isinstance(f, noise) for f in logger.filters):
+            logger.addFilter(noise())
 
 
 def _error_body(code: ErrorCode, message: str) -> bytes:

@@ -73,6 +73,9 @@ class Settings:
     api_tokens_file: Path | None = None
     """A file of SHA-256 hashes (hex) of accepted tokens, one a line, ``#`` comments; read at
     start, in addition to ``api_tokens``."""
+    admin_token: str | None = None
+    """Enables the admin routes (``/v1/admin/...``: model rollouts) for requests bearing it;
+    unset, they answer 404."""
     allowed_origins: tuple[str, ...] = ()
     """Browser origins allowed to open the WebSocket; empty: the server's own origin only."""
     allowed_hosts: tuple[str, ...] = ()

@@ -264,6 +264,14 @@ class UploadService:
             if handle.complete:
                 live.lifecycle = Lifecycle(UploadState.COMPLETE)
                 live.analysis = self.app.spawn(self._follow(live), "follow-upload")
+        elif handle.complete and live.handle is not None:
+            # Known here while receiving, but its last byte arrived on another gateway: its
+            # job runs there; follow it from here.
+            live.handle = None
+            live.lifecycle.advance(UploadEvent.LAST_BYTE)
+            self._end_decode_ahead(live)
+            self._unreserve(live)
+            live.analysis = self.app.spawn(self._follow(live), "follow-upload")
         live.store_owner = store_owner
         if not handle.complete:
             live.handle = handle

@@ -861,3 +861,86 @@ def test_kustomize_renders_the_manifests() -> None:
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     namespaced = [d for d in docs if d["kind"] != "Namespace"]
     assert {d["metadata"].get("namespace") for d in namespaced} == {"pixelstream"}
+
+
+# deploy/blue-green: two slots over the base, a models volume -------------------------------------
+
+BLUE_GREEN = ROOT / "deploy" / "blue-green"
+
+
+@pytest.fixture(scope="module")
+def blue_green() -> Manifests:
+    """The overlay's own manifests (the base's are checked above)."""
+    kustomization = yaml.safe_load((BLUE_GREEN / "kustomization.yaml").read_text())
+    docs = []
+    for name in kustomization["resources"]:
+        if name.startswith(".."):
+            assert (BLUE_GREEN / name).resolve() == K8S
+            continue
+        docs += [d for d in yaml.safe_load_all((BLUE_GREEN / name).read_text()) if d]
+    return docs
+
+
+def test_every_blue_green_variable_is_a_real_setting() -> None:
+    known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+    for path in sorted(BLUE_GREEN.glob("*.yaml")):
+        for variable in re.findall(r"\bPIXELSTREAM_\w+", path.read_text()):
+            assert variable in known, f"{path.name}: {variable} is not a setting"
+
+
+@pytest.mark.parametrize("slot", ["blue", "green"])
+def test_each_slot_has_its_gateways_workers_queue_and_the_shared_models(
+        blue_green: Manifests, slot: str) -> None:
+    deployments = by_kind(blue_green, "Deployment")
+    gateway, worker = deployments[f"gateway-{slot}"], deployments[f"worker-{slot}"]
+    databases = set()
+    for deployment, command in ((gateway, "serve"), (worker, "worker")):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["slot"] == slot
+        assert deployment["spec"]["selector"]["matchLabels"]["slot"] == slot
+        container = _container(deployment)
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        args, settings = container_settings(
+            container["args"], {k: v for k, v in env.items() if v is not None})
+        assert args.command == command
+        assert settings.model == "/models/textiles"
+        databases.add(settings.redis_url)
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["models"]["mountPath"] == "/models"
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "models"
+        if command == "worker":  # workers read; gateways write ACTIVE when they switch
+            assert mounts["models"]["readOnly"] is True
+        else:
+            assert not mounts["models"].get("readOnly", False)
+            (token,) = [item for item in container["env"]
+                        if item["name"] == "PIXELSTREAM_ADMIN_TOKEN"]
+            assert token["valueFrom"]["secretKeyRef"]["key"] == "token"
+    assert len(databases) == 1  # a slot's gateways and workers share one job queue
+    other = "green" if slot == "blue" else "blue"
+    other_urls = {item["value"] for item in _container(deployments[f"gateway-{other}"])["env"]
+                  if item["name"] == "PIXELSTREAM_REDIS_URL"}
+    assert not other_urls & databases  # apart from the other slot's jobs
+    (volume,) = by_kind(blue_green, "PersistentVolumeClaim").values()
+    assert volume["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_blue_green_overlay_renders_one_service_selecting_one_slot() -> None:
+    rendered = subprocess.run(["kubectl", "kustomize", str(BLUE_GREEN)], capture_output=True,
+                              text=True, timeout=60, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    assert deployments == {"redis", "gateway-blue", "worker-blue", "gateway-green",
+                           "worker-green"}
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert services["gateway"]["spec"]["selector"] == {
+        "app.kubernetes.io/name": "pixelstream", "app.kubernetes.io/component": "gateway",
+        "slot": "blue"}
+    # the switch the README shows: the selector's slot, nothing else
+    readme = (ROOT / "README.md").read_text()
+    assert ("kubectl -n pixelstream patch service gateway -p "
+            "'{\"spec\":{\"selector\":{\"slot\":\"green\"}}}'") in readme
+    namespaced = [d for d in docs if d["kind"] != "Namespace"]
+    assert {d["metadata"].get("namespace") for d in namespaced} == {"pixelstream"}

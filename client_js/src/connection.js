@@ -125,6 +125,8 @@ export class Connection {
     this.connectTimeout = options.connectTimeout ?? 15000;
     /** @type {SocketLike | null} the open, welcomed socket */
     this._ws = null;
+    /** Set by an upload that found the socket cannot be opened: later ones go over tus. */
+    this.webSocketBlocked = false;
     /** @type {Promise<import("./codec.js").WelcomeMessage> | null} */
     this._opening = null;
     /** @type {import("./codec.js").WelcomeMessage | null} the latest welcome (kept after a drop) */

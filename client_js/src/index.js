@@ -24,6 +24,7 @@ export {
 } from "./codec.js";
 export { Connection, defaultTimers, resolveUrl, sharedConnection } from "./connection.js";
 export { CLIENT_CODES, describeError, PixelstreamError } from "./errors.js";
+export { encodeMetadata, TusRequests, tusEndpoint } from "./tus.js";
 export { defaultFingerprint, defaultOptions, Upload } from "./upload.js";
 
 /**
@@ -37,6 +38,7 @@ export { defaultFingerprint, defaultOptions, Upload } from "./upload.js";
  * @typedef {import("./connection.js").ConnectionOptions} ConnectionOptions
  * @typedef {import("./connection.js").WebSocketFactory} WebSocketFactory
  * @typedef {import("./connection.js").SocketLike} SocketLike
+ * @typedef {import("./tus.js").FetchLike} FetchLike
  * @typedef {import("./codec.js").Limits} Limits
  * @typedef {import("./codec.js").WelcomeMessage} WelcomeMessage
  * @typedef {import("./codec.js").ProgressMessage} ProgressMessage

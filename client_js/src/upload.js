@@ -11,12 +11,17 @@
  * The file is streamed from `Blob.slice`: a binary chunk is `new Blob([header, slice])`, which
  * the browser reads and sends itself, so the page never holds the file in memory.
  *
+ * Where the socket cannot be opened (twice in a row, or once another upload found it so), the
+ * upload goes on over tus 1.0 and plain HTTP by itself (`transport: "auto"`, see ./tus.js):
+ * the same promise, callbacks and errors; `upload.transport` says which is in use.
+ *
  * @module upload
  */
 
 import { encodeBinaryHeader, encodeText } from "./codec.js";
 import { defaultTimers, sharedConnection } from "./connection.js";
 import { callSafely, PixelstreamError } from "./errors.js";
+import { TusRequests, tusEndpoint } from "./tus.js";
 
 /**
  * A place to keep resume tokens across page loads (localStorage's shape).
@@ -51,6 +56,10 @@ import { callSafely, PixelstreamError } from "./errors.js";
  * @property {(file: Blob, options: UploadOptions) => string | null | Promise<string | null>} [fingerprint]
  *   names a file across page loads (default: name, type, size, lastModified and the server URL)
  * @property {AbortSignal} [signal] aborts the upload when it fires
+ * @property {"auto" | "websocket" | "tus"} [transport] `"auto"` (default): the socket, and tus
+ *   over HTTP when the socket cannot be opened; `"websocket"` or `"tus"`: only that one
+ * @property {number} [tusChunkSize] bytes per PATCH over tus (default 8 MiB)
+ * @property {import("./tus.js").FetchLike} [fetch] default: the global `fetch` (tus requests)
  * @property {import("./connection.js").WebSocketFactory} [webSocketFactory] default: `new WebSocket(url)`
  * @property {import("./connection.js").Connection} [connection] use this connection instead of the shared one
  * @property {Partial<import("./connection.js").Timers>} [timers] injectable timers (tests)
@@ -59,7 +68,9 @@ import { callSafely, PixelstreamError } from "./errors.js";
  *   decreases); `sent` is what was handed to the socket (it steps back after a reconnect)
  * @property {(chunkSize: number, acknowledged: number, total: number) => void} [onChunkComplete]
  * @property {(stage: StageName, detail: {position?: number, attempt?: number, delay?: number,
- *             error?: PixelstreamError, offset?: number, done?: number, total?: number}) => void} [onStage]
+ *             error?: PixelstreamError, offset?: number, done?: number, total?: number,
+ *             transport?: "websocket" | "tus"}) => void} [onStage]
+ *   `transport`: with `connecting` and `upload`, the transport in use
  *   `position`: the place in the queue (`queued`); `done` of `total`: tiles finished while a
  *   spatial task looks at a large image tile by tile (`inference`, repeated as they finish)
  * @property {(result: import("./codec.js").ResultMessage) => void} [onResult]
@@ -71,7 +82,7 @@ import { callSafely, PixelstreamError } from "./errors.js";
 /**
  * @typedef {"chunkSize" | "encoding" | "retryDelays" | "stallTimeout" | "connectTimeout" |
  *   "checksum" | "checksumMaxBytes" | "storeFingerprintForResuming" |
- *   "removeFingerprintOnSuccess"} DefaultedOption
+ *   "removeFingerprintOnSuccess" | "transport" | "tusChunkSize"} DefaultedOption
  */
 
 /** The defaults every upload starts from. @type {Readonly<Required<Pick<UploadOptions, DefaultedOption>>>} */
@@ -85,7 +96,12 @@ export const defaultOptions = Object.freeze({
   checksumMaxBytes: 32 * 1024 * 1024,
   storeFingerprintForResuming: true,
   removeFingerprintOnSuccess: true,
+  transport: "auto",
+  tusChunkSize: 8 * 1024 * 1024,
 });
+
+/** Sockets that failed to open before a welcome, in a row, before `auto` turns to tus. */
+const FAILED_OPENS_BEFORE_TUS = 2;
 
 /** Errors that answer one chunk (and so pop its record); the others concern the whole upload. */
 const CHUNK_CODES = new Set(["offset_mismatch", "rate_limited", "too_large", "bad_base64",
@@ -216,6 +232,14 @@ export class Upload {
     this._abortSignal.catch(() => {});
     /** @type {import("./connection.js").Connection | null} */
     this._conn = null;
+    /** @type {"websocket" | "tus"} the transport in use */
+    this.transport = this.options.transport === "tus" ? "tus" : "websocket";
+    /** @type {string | null} the tus upload URL (the capability that resumes it) */
+    this._tusUrl = null;
+    /** @type {TusRequests | null} */
+    this._tus = null;
+    this._failedOpens = 0;
+    this._http = new AbortController();
     /** @type {import("./connection.js").Timers} */
     this._timers = { ...defaultTimers, ...this.options.timers };
   }
@@ -245,6 +269,10 @@ export class Upload {
     this._aborted = true;
     this._abortPromise = (async () => {
       this._forgetStored();
+      if (this.transport === "tus" && this._tus && this._tusUrl) {
+        this._http.abort();
+        await this._tus.terminate(this._tusUrl);
+      }
       const conn = this._conn;
       if (this._attached && conn && conn.isOpen
           && ["announcing", "sending", "processing"].includes(this.state)) {
@@ -285,6 +313,7 @@ export class Upload {
       }
       this._checkAborted();
       this._conn = sharedConnection({ ...o, timers: this._timers });
+      if (o.transport === "auto" && this._conn.webSocketBlocked) this.transport = "tus";
       await this._loadStored();
       if (this.sha256 === undefined) this.sha256 = await this._checksum();
       const result = await this._loop();
@@ -317,11 +346,12 @@ export class Upload {
     for (;;) {
       this._checkAborted();
       try {
-        return await this._attempt();
+        return this.transport === "tus" ? await this._attemptTus() : await this._attempt();
       } catch (caught) {
         const error = asPixelstreamError(caught);
         this._endAttempt();
         if (this._aborted || error.code === "aborted") throw error;
+        if (this._fallsBack(error)) continue;
         if (error.code === "unknown_upload" || error.code === "upload_expired") this._dropToken();
         const delays = o.retryDelays || [];
         const attempt = this._retryAttempt;
@@ -340,7 +370,7 @@ export class Upload {
   async _attempt() {
     const conn = /** @type {import("./connection.js").Connection} */ (this._conn);
     this.state = "connecting";
-    this._stage("connecting", {});
+    this._stage("connecting", { transport: "websocket" });
     const welcome = await this._abortable(conn.ready());
     if (this.total > welcome.limits.max_image_bytes) {
       throw new PixelstreamError("too_large",
@@ -368,6 +398,74 @@ export class Upload {
         this._fail(asPixelstreamError(error));
       }
     });
+  }
+
+  /**
+   * With `transport: "auto"`: a socket that failed to open before its welcome, twice in a row,
+   * turns this upload (and later ones on this server) to tus. True when it just did.
+   * @param {PixelstreamError} error
+   */
+  _fallsBack(error) {
+    if (this.options.transport !== "auto" || this.transport !== "websocket") return false;
+    if (error.code !== "connection_failed" || this.state !== "connecting") {
+      this._failedOpens = 0;
+      return false;
+    }
+    this._failedOpens += 1;
+    const conn = /** @type {import("./connection.js").Connection} */ (this._conn);
+    if (this._failedOpens < FAILED_OPENS_BEFORE_TUS && !conn.webSocketBlocked) return false;
+    conn.webSocketBlocked = true;
+    this.transport = "tus";
+    this._dropToken(); // a socket's resume token means nothing over tus
+    return true;
+  }
+
+  /** One try over tus: create (or find where the server stands), PATCH the rest, follow. */
+  async _attemptTus() {
+    const o = this.options;
+    const conn = /** @type {import("./connection.js").Connection} */ (this._conn);
+    if (!this._tus) {
+      this._tus = new TusRequests(tusEndpoint(conn.url), {
+        token: o.token,
+        fetch: (url, init) => (o.fetch || globalThis.fetch)(url, { ...init, signal: this._http.signal }),
+      });
+    }
+    const tus = this._tus;
+    this.state = "connecting";
+    this._stage("connecting", { transport: "tus" });
+    let offset = 0;
+    if (this._tusUrl) {
+      offset = await this._abortable(tus.offset(this._tusUrl));
+    } else {
+      const named = /** @type {File} */ (this.file);
+      const name = o.name ?? (typeof named.name === "string" && named.name ? named.name : undefined);
+      this._tusUrl = await this._abortable(tus.create(this.total, {
+        filename: name === undefined ? undefined : name.slice(0, MAX_NAME),
+        task: o.task,
+        options: o.options ? JSON.stringify(o.options) : undefined,
+        sha256: this.sha256 || undefined,
+      }));
+      this.resumeToken = this._tusUrl;
+      this._store();
+    }
+    const url = this._tusUrl;
+    this.sent = offset;
+    this._acknowledge(offset, true);
+    this.state = "sending";
+    this._stage("upload", { offset, transport: "tus" });
+    while (offset < this.total) {
+      const length = Math.max(1, Math.min(o.tusChunkSize, this.total - offset));
+      this.sent = offset + length;
+      const held = await this._abortable(tus.patch(url, offset, this.file.slice(offset, offset + length)));
+      if (held > offset) callSafely(o.onChunkComplete, held - offset, held, this.total);
+      this._acknowledge(held, false);
+      offset = Math.max(offset, held);
+    }
+    this.state = "processing";
+    const result = await this._abortable(tus.outcome(url, (message) => {
+      if (message.stage !== "upload") this._stage(message.stage, stageDetail(message));
+    }));
+    return { ...result, id: this.id };
   }
 
   _announce() {
@@ -438,7 +536,7 @@ export class Upload {
       return;
     }
     this.state = "sending";
-    this._stage("upload", { offset });
+    this._stage("upload", { offset, transport: "websocket" });
     /** @type {import("./connection.js").Connection} */ (this._conn).pump();
   }
 
@@ -703,6 +801,11 @@ export class Upload {
       stored = null;
     }
     if (stored && stored.size === this.total && typeof stored.token === "string") {
+      if (stored.transport === "tus") {
+        if (this.options.transport === "websocket") return;
+        this.transport = "tus";
+        this._tusUrl = stored.token;
+      }
       this.resumeToken = stored.token;
       // A resume must declare the checksum the upload began with (or none).
       this.sha256 = typeof stored.sha256 === "string" ? stored.sha256 : null;
@@ -715,6 +818,7 @@ export class Upload {
     try {
       storage.setItem(this._storageKey, JSON.stringify({
         token: this.resumeToken, size: this.total, sha256: this.sha256 || null, createdAt: Date.now(),
+        transport: this.transport,
       }));
     } catch {
       // storage full or forbidden: resuming after a reload is a bonus, not a requirement
@@ -733,6 +837,7 @@ export class Upload {
 
   _dropToken() {
     this.resumeToken = null;
+    this._tusUrl = null;
     this._forgetStored();
   }
 

@@ -372,7 +372,8 @@ describe("resilience", () => {
   test("failed connections are retried after retryDelays, then given up", async () => {
     const h = harness();
     h.server.refuse = 10;
-    const upload = new Upload(fileOf(pattern(1000)), { ...h.options, checksum: false, retryDelays: [0, 1000, 3000] });
+    const upload = new Upload(fileOf(pattern(1000)), { ...h.options, checksum: false,
+      retryDelays: [0, 1000, 3000], transport: "websocket" });
     const done = upload.start();
     await until(() => h.server.sockets.length === 2, { what: "the immediate retry" });
     await settle();

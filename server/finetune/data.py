@@ -25,8 +25,11 @@ import numpy as np
 MIN_IMAGES_PER_CLASS = 2
 """Each class needs one image to learn from and one to validate on, at least."""
 MAX_SKIPPED_FRACTION = 0.1
-"""More unreadable files than this share of all files stops the run: the folder is likely
-not what was meant (or badly damaged)."""
+"""More unreadable files than this share of all files (and more than
+:data:`MIN_SKIPPED_LIMIT`) stops the run: the folder is likely not what was meant (or badly
+damaged)."""
+MIN_SKIPPED_LIMIT = 2
+"""Unreadable files a run always tolerates: a stray file in a small set is not "too many"."""
 _PREFETCH = 16
 """Images decoded ahead of the one being stored (bounds the memory held meanwhile)."""
 
@@ -150,7 +153,7 @@ def preprocess(dataset: Dataset, transform: Callable[[Any], Any], cache: Path, *
     labels: list[int] = []
     paths: list[Path] = []
     skipped: list[tuple[Path, str]] = []
-    limit = math.floor(max_skipped_fraction * len(samples))
+    limit = max(MIN_SKIPPED_LIMIT, math.floor(max_skipped_fraction * len(samples)))
     bar = tqdm(total=len(samples), desc="preprocessing", unit="img", disable=not progress)
     try:
         for sample, array, reason in _ahead(samples, transform, threads):
@@ -161,7 +164,7 @@ def preprocess(dataset: Dataset, transform: Callable[[Any], Any], cache: Path, *
                 if len(skipped) > limit:
                     raise DataError(
                         f"{len(skipped)} of {len(samples)} files in {dataset.root} are not "
-                        f"readable images (at most {max_skipped_fraction:.0%} may be); "
+                        f"readable images (at most {limit}, {max_skipped_fraction:.0%}, may be); "
                         f"the last: {sample.path}")
                 continue
             if pixels is None:

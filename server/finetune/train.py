@@ -258,6 +258,10 @@ def _train(config: FinetuneConfig, hyper: ModeDefaults, net: Any, dataset: Any,
     with _quiet_trainer_logs():
         trainer = Trainer(model=net, args=_training_args(config, hyper, device, len(dataset)),
                           train_dataset=dataset)
+        if not config.progress:  # no bars: no per-epoch loss lines on stdout either
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         trainer.train(resume_from_checkpoint=True if config.resume else None)
     return time.perf_counter() - started
 

@@ -21,11 +21,12 @@ import contextlib
 import io
 import os
 import struct
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Protocol, cast
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -34,6 +35,11 @@ from chunking.errors import ErrorCode, ProtocolError
 from server.tasks.contract import DecodeHint
 
 __all__ = [
+    "DECODE_MEMORY_BUDGET",
+    "DEFAULT_DECODE_DEADLINE_S",
+    "JPEG_SCAN_SAMPLES",
+    "MAX_JPEG_SCANS",
+    "MIN_JPEG_SCANS",
     "SUPPORTED_FORMATS",
     "DecodedImage",
     "Header",
@@ -42,13 +48,47 @@ __all__ = [
     "deadline_error",
     "decode",
     "header_of",
+    "jpeg_scan_limit",
     "orientation_method",
     "probe",
     "read_orientation",
+    "vips",
+    "vips_open",
+    "vips_rgb8",
+    "vips_run",
+    "working_bytes",
 ]
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 """Format names as Pillow spells them; :func:`probe` and :func:`decode` accept nothing else."""
+
+MAX_JPEG_SCANS = 100
+"""Scans (SOS segments) a JPEG may have: a progressive JPEG from a camera or encoder has about
+ten; each scan costs a pass over the image's coefficients, so thousands of empty ones make a
+small file take tens of seconds."""
+
+JPEG_SCAN_SAMPLES = 3_000_000_000
+"""Scans times samples (pixels times components, after subsampling) a JPEG may cost: a large
+image gets fewer scans (about half a second per 10^9 here), never fewer than
+:data:`MIN_JPEG_SCANS`. A 12000x9000 4:2:0 JPEG (162 M samples) may have 18 scans."""
+
+MIN_JPEG_SCANS = 12
+"""The scans every JPEG may have, whatever its size (encoders' progressive scripts use ten)."""
+
+DECODE_MEMORY_BUDGET = 256 * 1024 * 1024
+"""Bytes a decode may need BESIDE the pixels it returns (estimated from the header, see
+:func:`working_bytes`): a progressive or multi-scan JPEG's coefficients (2 bytes per sample,
+kept whole even at 1/8 scale), the full frame of a decoder that cannot stream (GIF, BMP,
+WebP, interlaced PNG; PNG and TIFF while their bytes still arrive), a TIFF's largest strip.
+Over it, the image is answered ``too_many_pixels`` before any pixel is decoded: e.g. a
+progressive 4:2:0 JPEG may have about 89 MP, a 4:4:4 one 44 MP, a WebP 67 MP."""
+
+DEFAULT_DECODE_DEADLINE_S = 30.0
+"""Wall time a decode may take before it is stopped and answered ``too_many_pixels``."""
+
+_STREAMED_FORMATS = frozenset({"PNG", "TIFF", "WEBP"})
+"""Formats :func:`decode` hands to libvips when the whole file is there: PNG and TIFF are
+read a strip at a time and shrunk as they stream (Pillow would decode them whole first)."""
 
 # A JPEG puts its frame header after its APPn/COM segments; real files have a few dozen
 # (EXIF, XMP, ICC profiles split in 64 KiB pieces). Bounding the count bounds the work a
@@ -407,6 +447,208 @@ def _byte_view(data: bytes | bytearray | memoryview) -> memoryview:
 
 
 # --------------------------------------------------------------------------------------------
+# Decode cost, from the header: what a decoder must hold beside the pixels it returns.
+
+
+@dataclass(frozen=True)
+class _JpegLayout:
+    components: tuple[tuple[int, int], ...]
+    """(horizontal, vertical) sampling factors, one pair per component."""
+    progressive: bool
+    first_scan_components: int | None
+    """Components in the first scan; None when the data ends before it."""
+
+    @property
+    def multi_scan(self) -> bool:
+        """libjpeg then buffers every coefficient of the image (it decides at the first
+        scan: progressive, or a first scan without every component)."""
+        first = self.first_scan_components
+        return self.progressive or first is None or first < len(self.components)
+
+
+def _jpeg_layout(src: _Source) -> _JpegLayout | None:
+    """Sampling factors and scan layout, from the segments up to the first scan."""
+    pos = 2
+    frame: tuple[tuple[tuple[int, int], ...], bool] | None = None
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        start = _scan_jpeg(src, pos, for_ff=True)
+        at = None if start is None else _scan_jpeg(src, start, for_ff=False)
+        if at is None:
+            break
+        marker = src.peek(at, 1)[0]
+        pos = at + 1
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:
+            continue
+        field = _read(src, pos, 2)
+        if marker in (0xD8, 0xD9) or field is None:
+            break
+        (length,) = struct.unpack(">H", field)
+        if marker in _JPEG_SOF and frame is None:
+            body = _read(src, pos + 2, max(0, length - 2)) or b""
+            count = body[5] if len(body) > 5 else 0
+            components = tuple(
+                (max(1, body[7 + 3 * i] >> 4), max(1, body[7 + 3 * i] & 0x0F))
+                for i in range(count) if 7 + 3 * i < len(body)
+            )
+            frame = (components or ((1, 1),), marker in (0xC2, 0xC6, 0xCA, 0xCE))
+        elif marker == 0xDA:
+            first = src.peek(pos + 2, 1)
+            if frame is not None:
+                return _JpegLayout(frame[0], frame[1], first[0] if first else None)
+            break
+        pos += max(2, length)
+    return None if frame is None else _JpegLayout(frame[0], frame[1], None)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _jpeg_coefficient_bytes(width: int, height: int, layout: _JpegLayout) -> int:
+    h_max = max(h for h, _ in layout.components)
+    v_max = max(v for _, v in layout.components)
+    blocks = sum(
+        _ceil_div(_ceil_div(width * h, h_max), 8) * _ceil_div(_ceil_div(height * v, v_max), 8)
+        for h, v in layout.components
+    )
+    return blocks * 64 * 2  # 64 coefficients of 16 bits per 8x8 block
+
+
+def _jpeg_scale(width: int, height: int, min_short: int | None) -> int:
+    """The 1/s scale libjpeg decodes at for ``min_short`` (see :func:`_draft_request`)."""
+    if min_short is None:
+        return 1
+    scale = 1
+    while scale < 8 and min(width, height) // (scale * 2) >= min_short:
+        scale *= 2
+    return scale
+
+
+def _count_jpeg_scans(src: _Source, limit: int) -> int:
+    """SOS markers in the file, counting up to ``limit + 1``. Entropy-coded data never holds
+    0xFF 0xDA (a 0xFF there is followed by 0x00 or a restart marker), so the count can only
+    err upwards, for an embedded thumbnail or metadata that happens to hold those bytes."""
+    count, pos, last = 0, 0, b""
+    while count <= limit:
+        chunk = src.peek(pos, 1 << 16)
+        if not chunk:
+            break
+        count += chunk.count(b"\xff\xda") + (last == b"\xff" and chunk[:1] == b"\xda")
+        last = chunk[-1:]
+        pos += len(chunk)
+    return count
+
+
+def _tiff_layout(src: _Source) -> dict[int, int]:
+    """The first value of the tags that size a TIFF's strips or tiles and its samples."""
+    endian = "<" if src.peek(0, 2) == b"II" else ">"
+    big = src.peek(2, 2) in (b"+\x00", b"\x00+")
+    head = src.peek(4, 12)
+    if big:
+        if len(head) < 12:
+            return {}
+        ifd = struct.unpack(endian + "Q", head[4:12])[0]
+        count_fmt, entry_fmt, entry_size, inline = "Q", "HHQ", 20, 8
+    else:
+        if len(head) < 4:
+            return {}
+        ifd = struct.unpack(endian + "I", head[:4])[0]
+        count_fmt, entry_fmt, entry_size, inline = "H", "HHI", 12, 4
+    count_field = src.peek(ifd, struct.calcsize(count_fmt))
+    if len(count_field) < struct.calcsize(count_fmt):
+        return {}
+    count = min(struct.unpack(endian + count_fmt, count_field)[0], _TIFF_MAX_ENTRIES)
+    entries = src.peek(ifd + len(count_field), count * entry_size)
+    sizes = {3: 2, 4: 4, 16: 8}
+    formats = {3: "H", 4: "I", 16: "Q"}
+    wanted = {258, 277, 278, 322, 323}  # BitsPerSample, SamplesPerPixel, RowsPerStrip, Tile*
+    tags: dict[int, int] = {}
+    for start in range(0, len(entries) - entry_size + 1, entry_size):
+        tag, kind, n = struct.unpack_from(endian + entry_fmt, entries, start)
+        if tag not in wanted or kind not in formats or n < 1:
+            continue
+        value_at = start + struct.calcsize(endian + entry_fmt)
+        if n * sizes[kind] <= inline:
+            (tags[tag],) = struct.unpack_from(endian + formats[kind], entries, value_at)
+        else:  # an array elsewhere in the file: its first value
+            (offset,) = struct.unpack_from(endian + ("Q" if big else "I"), entries, value_at)
+            value = src.peek(offset, sizes[kind])
+            if len(value) == sizes[kind]:
+                (tags[tag],) = struct.unpack(endian + formats[kind], value)
+    return tags
+
+
+def working_bytes(src: _Source, info: ImageInfo, min_short: int | None, *,
+                  streaming: bool) -> int:
+    """Estimated bytes a decode of ``info``'s image needs beside the pixels it returns.
+
+    ``streaming``: decoded by libvips (PNG, TIFF, WebP, and JPEG/GIF for full-resolution
+    regions), else by Pillow. The returned pixels themselves are not counted: ``max_pixels``
+    bounds them, and the caller chose their scale.
+    """
+    width, height, fmt = info.width, info.height, info.format
+    pixels = width * height
+    if fmt == "JPEG":
+        layout = _jpeg_layout(src) or _JpegLayout(((1, 1),) * 3, True, None)
+        need = _jpeg_coefficient_bytes(width, height, layout) if layout.multi_scan else 0
+        channels = len(layout.components)
+        scale = _jpeg_scale(width, height, min_short)
+        if min_short is not None and not streaming:  # libjpeg's scaled output, before reduce
+            need += -(-width // scale) * -(-height // scale) * channels
+        if channels == 4:  # CMYK: converted beside the RGB result
+            need += -(-width // scale) * -(-height // scale) * channels
+        return need
+    if fmt == "PNG":
+        ihdr = src.peek(24, 5)
+        depth, colour = (ihdr[0], ihdr[1]) if len(ihdr) >= 2 else (16, 6)
+        interlaced = len(ihdr) < 5 or ihdr[4] != 0
+        channels = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}.get(colour, 4)
+        sample = 2 if depth == 16 else 1
+        if streaming:  # libspng streams rows, but an interlaced image is read whole
+            return pixels * channels * sample if interlaced else 0
+        return pixels * (channels * sample + 4)  # the frame, and its conversion to RGB
+    if fmt == "TIFF":
+        tags = _tiff_layout(src)
+        pixel_bytes = max(1, tags.get(277, 1)) * max(1, -(-tags.get(258, 8) // 8))
+        if not streaming:
+            return pixels * (pixel_bytes + 4)
+        if 322 in tags and 323 in tags:  # tiled: a row of tiles at a time
+            rows = min(height, tags[323])
+            return rows * -(-width // max(1, tags[322])) * max(1, tags[322]) * pixel_bytes
+        rows = min(height, tags.get(278, height) or height)  # default: one strip, the image
+        return rows * width * pixel_bytes
+    if fmt == "WEBP":
+        return pixels * 4  # libwebp decodes the whole frame
+    if fmt == "GIF":
+        return pixels * (4 if streaming else 5)  # the canvas (and, in Pillow, RGB(A))
+    # BMP: Pillow's frame (1 to 4 bytes a pixel), then RGB beside a palette image.
+    bits = src.peek(28, 2) if src.peek(14, 4)[:1] != b"\x0c" else src.peek(24, 2)
+    count = struct.unpack("<H", bits)[0] if len(bits) == 2 else 32
+    return pixels * (max(1, count // 8) + (3 if count <= 8 else 0))
+
+
+def _too_costly(info: ImageInfo, need: int) -> ProtocolError:
+    mib = 1024 * 1024
+    return ProtocolError(
+        ErrorCode.TOO_MANY_PIXELS,
+        f"decoding this {info.width}x{info.height} {info.format} would need about "
+        f"{-(-need // mib)} MiB, over the limit of {DECODE_MEMORY_BUDGET // mib} MiB",
+    )
+
+
+def jpeg_scan_limit(src: _Source, info: ImageInfo) -> int:
+    """The scans a JPEG of this size and layout may have (see :data:`JPEG_SCAN_SAMPLES`)."""
+    layout = _jpeg_layout(src) or _JpegLayout(((1, 1),) * 3, True, None)
+    samples = _jpeg_coefficient_bytes(info.width, info.height, layout) // 2
+    return max(MIN_JPEG_SCANS, min(MAX_JPEG_SCANS, JPEG_SCAN_SAMPLES // max(1, samples)))
+
+
+def _too_many_scans(limit: int) -> ProtocolError:
+    return ProtocolError(ErrorCode.TOO_MANY_PIXELS,
+                         f"JPEG has more than {limit} scans, the limit for its size")
+
+
+# --------------------------------------------------------------------------------------------
 # Decoding.
 
 
@@ -487,14 +729,18 @@ def decode(
     max_pixels: int,
     hint: DecodeHint,
     wait_for: WaitFor = _arrived,
-    deadline_s: float | None = None,
+    deadline_s: float | None = DEFAULT_DECODE_DEADLINE_S,
 ) -> DecodedImage:
     """Decode a whole image file into an RGB Pillow image no larger than the model needs.
 
     ``data``: the file's bytes (``bytes``/``bytearray``/``memoryview``, read in place; do not
     mutate it during the call), or a path (``str``/``os.PathLike``) to a file that is opened
-    and read from directly. JPEG, PNG, GIF and BMP are read a piece at a time; Pillow's WebP
-    reader (and its TIFF reader, for buffers) takes one whole copy. CPU-bound and blocking:
+    and read from directly. With every byte there, PNG, TIFF and WebP are decoded by libvips,
+    which streams them strip by strip and shrinks as it goes (WebP's frame is decoded whole);
+    JPEG, GIF and BMP (and PNG/TIFF/WebP given a ``wait_for``) by Pillow, which reads JPEG,
+    PNG, GIF and BMP a piece at a time. Before any pixel is decoded, the header must pass
+    ``max_pixels``, :data:`DECODE_MEMORY_BUDGET` and, for JPEG, the scan limit (see
+    :func:`jpeg_scan_limit`); all answer ``too_many_pixels``. CPU-bound and blocking:
     call it in a worker process or thread, not on the event loop. ``wait_for`` lets the
     decode begin while the file or buffer is still being filled, in order, from its start:
     no byte is read before ``wait_for`` has returned for an offset beyond it.
@@ -528,34 +774,61 @@ def decode(
     if hint.min_short_side is not None and hint.min_short_side < 1:
         raise ValueError("hint.min_short_side must be positive or None")
     give_up_at = None if deadline_s is None else time.monotonic() + deadline_s
+    min_short = hint.min_short_side
+    complete = wait_for is _arrived
     if isinstance(data, (str, os.PathLike)):
-        with open(data, "rb") as file:
-            fp = file if wait_for is _arrived else cast(IO[bytes], _WaitingFile(file, wait_for))
-            header = _header(_FileSource(fp), max_pixels)
-            if give_up_at is not None:
-                fp = cast(IO[bytes], _DeadlineReader(fp, give_up_at))
-            return _decode_file(fp, header, max_pixels, hint.min_short_side, deadline_s)
+        path = os.fspath(data)
+        with open(path, "rb") as file:
+            fp = file if complete else cast(IO[bytes], _WaitingFile(file, wait_for))
+            src = _FileSource(fp)
+            info = _probe_header(src, max_pixels)
+            streaming = complete and info.format in _STREAMED_FORMATS
+            scan_limit = _check_cost(src, info, min_short, complete=complete,
+                                     streaming=streaming)
+            if streaming:
+                return _decode_vips(path, info, min_short, deadline_s)
+            return _decode_file(_guarded(fp, give_up_at, scan_limit), info, max_pixels,
+                                min_short, deadline_s)
     view = _byte_view(data)
-    header = _header(_BufferSource(view, wait_for), max_pixels)
+    buffer_src = _BufferSource(view, wait_for)
+    info = _probe_header(buffer_src, max_pixels)
+    streaming = complete and info.format in _STREAMED_FORMATS
+    scan_limit = _check_cost(buffer_src, info, min_short, complete=complete,
+                             streaming=streaming)
+    if streaming:
+        return _decode_vips(view, info, min_short, deadline_s)
     # BytesIO shares a bytes object's memory; other buffers get the zero-copy reader.
     reader: IO[bytes]
-    if isinstance(data, bytes) and wait_for is _arrived:
+    if isinstance(data, bytes) and complete:
         reader = io.BytesIO(data)
     else:
         reader = cast(IO[bytes], _BufferReader(view, wait_for))
-    if give_up_at is not None:
-        reader = cast(IO[bytes], _DeadlineReader(reader, give_up_at))
-    return _decode_file(reader, header, max_pixels, hint.min_short_side, deadline_s)
+    return _decode_file(_guarded(reader, give_up_at, scan_limit), info, max_pixels,
+                        min_short, deadline_s)
 
 
-class _DeadlineReader(_Reader):
-    """Passes reads through until ``give_up_at`` (``time.monotonic``), then stops the
-    decoder: Pillow's decoders read a block at a time, so none runs long past it."""
+def _guarded(fp: IO[bytes], give_up_at: float | None, scan_limit: int | None) -> IO[bytes]:
+    """``fp``, or a reader over it that enforces the deadline and, for a JPEG whose scans
+    could not be counted up front (its bytes still arriving), ``scan_limit``."""
+    if give_up_at is None and scan_limit is None:
+        return fp
+    return cast(IO[bytes], _GuardedReader(fp, give_up_at, scan_limit))
 
-    def __init__(self, inner: IO[bytes], give_up_at: float) -> None:
+
+class _GuardedReader(_Reader):
+    """Passes reads through, stopping the decoder once ``give_up_at`` (``time.monotonic``)
+    has passed or a JPEG's bytes so far hold more than ``scan_limit`` scans.
+    Pillow's decoders read a block at a time, so none runs long past either."""
+
+    def __init__(self, inner: IO[bytes], give_up_at: float | None,
+                 scan_limit: int | None) -> None:
         super().__init__()
         self._inner = inner
         self._give_up_at = give_up_at
+        self._scan_limit = scan_limit
+        self._scans = 0
+        self._scanned_to = 0
+        self._last = b""
 
     def tell(self) -> int:
         return self._inner.tell()
@@ -564,9 +837,21 @@ class _DeadlineReader(_Reader):
         return self._inner.seek(offset, whence)
 
     def read(self, size: int | None = -1) -> bytes:
-        if time.monotonic() > self._give_up_at:
+        if self._give_up_at is not None and time.monotonic() > self._give_up_at:
             raise _DeadlinePassed
-        return self._inner.read(-1 if size is None else size)
+        position = self._inner.tell()
+        data = self._inner.read(-1 if size is None else size)
+        if self._scan_limit is not None and \
+                position <= self._scanned_to < position + len(data):
+            # Count each byte once, in file order (a re-read after a seek back is skipped).
+            fresh = data[self._scanned_to - position:]
+            self._scans += fresh.count(b"\xff\xda") + (
+                self._last == b"\xff" and fresh[:1] == b"\xda")
+            self._last = fresh[-1:]
+            self._scanned_to = position + len(data)
+            if self._scans > self._scan_limit:
+                raise _too_many_scans(self._scan_limit)
+        return data
 
 
 @dataclass(frozen=True)
@@ -576,7 +861,7 @@ class Header:
     info: ImageInfo
 
 
-def _header(src: _Source, max_pixels: int) -> ImageInfo:
+def _probe_header(src: _Source, max_pixels: int) -> ImageInfo:
     info = _probe_source(src)
     if info is None:
         raise _invalid("image data ends inside its header")
@@ -584,13 +869,39 @@ def _header(src: _Source, max_pixels: int) -> ImageInfo:
     return info
 
 
+def _check_cost(src: _Source, info: ImageInfo, min_short: int | None, *, complete: bool,
+                streaming: bool) -> int | None:
+    """Every check made before decoding beyond the pixel count: decode memory
+    (:data:`DECODE_MEMORY_BUDGET`) and, when the whole file is there, a JPEG's scans.
+    Returns the scans a JPEG whose bytes are still arriving may have, to count as it is
+    read (None for other formats, or when they were counted here)."""
+    need = working_bytes(src, info, min_short, streaming=streaming)
+    if need > DECODE_MEMORY_BUDGET:
+        raise _too_costly(info, need)
+    if info.format != "JPEG":
+        return None
+    limit = jpeg_scan_limit(src, info)
+    if not complete:
+        return limit
+    if _count_jpeg_scans(src, limit) > limit:
+        raise _too_many_scans(limit)
+    return None
+
+
 def header_of(data: str | bytes | memoryview, max_pixels: int) -> Header:
-    """Read and check a whole file's header (a path, or the file's bytes): the same checks
-    :func:`decode` makes before decoding. Raises ``ProtocolError`` as :func:`decode` does."""
-    if isinstance(data, str):
-        with open(data, "rb") as file:
-            return Header(_header(_FileSource(file), max_pixels))
-    return Header(_header(_BufferSource(_byte_view(data)), max_pixels))
+    """Read and check a whole file's header (a path, or the file's bytes) for a
+    full-resolution decode by libvips (:mod:`server.pipeline.pixel_source`): the pixel
+    count, decode memory and scan checks :func:`decode` makes. Raises ``ProtocolError`` as
+    :func:`decode` does."""
+    with contextlib.ExitStack() as stack:
+        src: _Source
+        if isinstance(data, str):
+            src = _FileSource(stack.enter_context(open(data, "rb")))
+        else:
+            src = _BufferSource(_byte_view(data))
+        info = _probe_header(src, max_pixels)
+        _check_cost(src, info, None, complete=True, streaming=info.format != "BMP")
+        return Header(info)
 
 
 def orientation_method(orientation: int) -> Image.Transpose | None:
@@ -652,6 +963,128 @@ def _decode_file(
     except _DECODE_ERRORS as exc:
         problem = "truncated" if "truncated" in str(exc).lower() else "corrupt or unsupported"
         raise _invalid(f"{problem} {header.format} data") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# libvips: streaming decodes.
+
+_vips_lock = threading.Lock()
+_vips_module: Any = None
+
+
+def vips() -> Any:
+    """pyvips, imported on first use (it loads libvips) with its operation cache off: a
+    cached decode would keep an image's pixels alive after its caller is done with them."""
+    global _vips_module
+    with _vips_lock:
+        if _vips_module is None:
+            import pyvips
+
+            pyvips.cache_set_max(0)
+            _vips_module = pyvips
+        return _vips_module
+
+
+def vips_open(source: str | bytes | memoryview, info: ImageInfo) -> Any:
+    """A libvips image over the file or buffer, read once from top to bottom. Raises
+    ``invalid_image`` where libvips cannot read the header or it disagrees with ours."""
+    pyvips = vips()
+    options: dict[str, Any] = {"access": "sequential", "fail_on": "error"}
+    try:
+        if isinstance(source, str):
+            image = pyvips.Image.new_from_file(source, **options)
+        else:
+            # A source over the memory, not new_from_buffer: no copy, memoryviews too.
+            image = pyvips.Image.new_from_source(pyvips.Source.new_from_memory(source), "",
+                                                 **options)
+    except pyvips.Error as exc:
+        raise _invalid(f"corrupt or unsupported {info.format} data") from exc
+    if (image.width, image.height) != (info.width, info.height):
+        raise _invalid(f"{info.format} headers disagree on the image size")
+    return image
+
+
+def vips_rgb8(image: Any) -> Any:
+    """8-bit sRGB, 3 bands, alpha composited over white: what :func:`decode` returns."""
+    if image.interpretation == "cmyk" and image.format == "uchar" and image.bands == 4:
+        # Pillow's formula (no colour profile), so both decoders agree.
+        ink = 255 - image.extract_band(3)
+        return ((255 - image.extract_band(0, n=3)) * ink / 255).cast("uchar")
+    if image.interpretation not in ("srgb", "b-w") or image.format != "uchar":
+        image = image.colourspace("srgb")  # 16-bit, Lab...: to 8-bit sRGB
+    if image.hasalpha():
+        image = image.flatten(background=[255, 255, 255])
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    elif image.bands > 3:
+        image = image.extract_band(0, n=3)
+    return image.cast("uchar")
+
+
+_T = TypeVar("_T")
+
+
+def vips_run(image: Any, action: Callable[[Any], _T], info: ImageInfo,
+             deadline_s: float | None) -> _T:
+    """Run ``action(image)`` (the call that makes libvips compute, e.g. a save), stopping
+    it at the deadline: a timer kills the image, and libvips checks that flag between
+    the strips it computes."""
+    pyvips = vips()
+    stopped = threading.Event()
+    timer: threading.Timer | None = None
+    if deadline_s is not None:
+        if deadline_s <= 0:
+            raise deadline_error(deadline_s)
+
+        def stop() -> None:
+            stopped.set()
+            image.set_kill(True)
+
+        timer = threading.Timer(deadline_s, stop)
+        timer.daemon = True
+        timer.start()
+    try:
+        return action(image)
+    except pyvips.Error as exc:
+        if stopped.is_set():
+            raise deadline_error(deadline_s or 0.0) from None
+        message = str(exc).lower()
+        problem = "truncated" if "truncated" in message or "read error" in message \
+            else "corrupt or unsupported"
+        raise _invalid(f"{problem} {info.format} data") from exc
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _decode_vips(source: str | memoryview, info: ImageInfo, min_short: int | None,
+                 deadline_s: float | None) -> DecodedImage:
+    """PNG, TIFF and WebP: libvips reads the file strip by strip and shrinks (a box filter,
+    by the same integer factor as :func:`_shrink`) before converting, so neither the
+    full-size image nor its conversion is ever held (WebP's frame excepted, which libwebp
+    decodes whole and the cost check accounts for)."""
+    pyvips = vips()
+    image = vips_open(source, info)
+    orientation = read_orientation(source, Header(info))
+    try:
+        factor = 1 if min_short is None else min(info.width, info.height) // min_short
+        if factor >= 2 and image.hasalpha():
+            # Averaged with their alpha as weights, as Pillow's reduce does: a transparent
+            # pixel's colour must not bleed into its neighbours.
+            band_format = image.format
+            image = image.premultiply().shrink(factor, factor).unpremultiply() \
+                .cast(band_format)
+        elif factor >= 2:
+            image = image.shrink(factor, factor)
+        rgb = vips_rgb8(image)
+    except pyvips.Error as exc:
+        raise _invalid(f"corrupt or unsupported {info.format} data") from exc
+    pixels = vips_run(rgb, lambda target: target.write_to_memory(), info, deadline_s)
+    result = Image.frombuffer("RGB", (rgb.width, rgb.height), pixels, "raw", "RGB", 0, 1)
+    method = _ORIENTATION.get(orientation)
+    if method is not None:
+        result = result.transpose(method)
+    return DecodedImage(result, info)
 
 
 def _decode_opened(

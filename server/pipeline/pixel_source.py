@@ -25,23 +25,24 @@ import contextlib
 import os
 import secrets
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from chunking.errors import ErrorCode, ProtocolError
 from server.pipeline.decode import (
+    DEFAULT_DECODE_DEADLINE_S,
     ImageInfo,
-    deadline_error,
     decode,
     header_of,
     orientation_method,
     read_orientation,
+    vips,
+    vips_open,
+    vips_rgb8,
+    vips_run,
 )
 from server.tasks.contract import DecodeHint
 
@@ -55,23 +56,6 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})
 # Formats libvips decodes here (pyvips-binary builds it with libjpeg-turbo, libspng, libtiff,
 # libwebp and its own GIF reader); anything else (BMP) is decoded by Pillow into the raw file.
 _VIPS_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "TIFF"})
-
-_vips_lock = threading.Lock()
-_vips_module: Any = None
-
-
-def _vips() -> Any:
-    """pyvips, imported on first use (it loads libvips) with its operation cache off: a
-    cached decode would keep an image's pixels alive after its source is closed."""
-    global _vips_module
-    with _vips_lock:
-        if _vips_module is None:
-            import pyvips
-
-            pyvips.cache_set_max(0)
-            _vips_module = pyvips
-        return _vips_module
-
 
 @dataclass(frozen=True)
 class SharedPixels:
@@ -219,7 +203,7 @@ class PixelSource:
         assert self._shared is not None
         shared = self._shared
         width, height = shared.stored
-        raw = _vips().Image.rawload(shared.path, width, height, BANDS)
+        raw = vips().Image.rawload(shared.path, width, height, BANDS)
         factor = 1 if min_short_side is None else min(width, height) // min_short_side
         if factor >= 2:
             raw = raw.shrink(factor, factor)  # a box filter, streamed over the file's rows
@@ -230,18 +214,18 @@ class PixelSource:
 
 
 def open_pixels(source: str | bytes | memoryview, *, max_pixels: int,
-                deadline_s: float | None = None,
+                deadline_s: float | None = DEFAULT_DECODE_DEADLINE_S,
                 scratch_dir: str | None = None) -> PixelSource:
     """Open an image file (a path) or buffer for :meth:`PixelSource.whole` / ``region``.
 
     Reads only the header here: the size and format are checked against ``max_pixels`` and
     the same limits :func:`~server.pipeline.decode.decode` applies before any
     pixel is decoded; raises ``ProtocolError(invalid_image | too_many_pixels)``.
-    ``deadline_s`` bounds every decode this source makes (each one, from its start): one
-    running past it stops and raises ``too_many_pixels``. ``scratch_dir``: where the raw file
-    of a region decode goes (default: the temp directory; a disk, not a tmpfs, keeps the
-    memory flat). A buffer must not change while the source is open. Close the source (or
-    use it as a context manager) to free its file.
+    ``deadline_s`` bounds every decode this source makes (each one, from its start; None:
+    no limit): one running past it stops and raises ``too_many_pixels``. ``scratch_dir``:
+    where the raw file of a region decode goes (default: the temp directory; a disk, not a
+    tmpfs, keeps the memory flat). A buffer must not change while the source is open.
+    Close the source (or use it as a context manager) to free its file.
     """
     data: str | bytes | memoryview = source if isinstance(source, (str, bytes)) \
         else memoryview(source).cast("B")
@@ -287,57 +271,16 @@ def _decode_to_raw(source: str | bytes | memoryview, info: ImageInfo, max_pixels
 
 def _vips_to_raw(source: str | bytes | memoryview, info: ImageInfo,
                  deadline_s: float | None, path: str) -> tuple[tuple[int, int], int]:
-    pyvips = _vips()
-    options: dict[str, Any] = {"access": "sequential", "fail_on": "error"}
+    pyvips = vips()
+    image = vips_open(source, info)
     try:
-        if isinstance(source, str):
-            image = pyvips.Image.new_from_file(source, **options)
-        else:
-            image = pyvips.Image.new_from_buffer(source, "", **options)
-        if (image.width, image.height) != (info.width, info.height):
-            raise ProtocolError(ErrorCode.INVALID_IMAGE,
-                                f"{info.format} headers disagree on the image size")
         orientation = image.get("orientation") if image.get_typeof("orientation") else 1
-        rgb = _to_rgb8(image)
+        rgb = vips_rgb8(image)
     except pyvips.Error as exc:
         raise ProtocolError(ErrorCode.INVALID_IMAGE,
                             f"corrupt or unsupported {info.format} data") from exc
-    stopped = threading.Event()
-    if deadline_s is not None:
-        give_up_at = time.monotonic() + deadline_s
-
-        def on_eval(image: Any, _progress: Any) -> None:
-            if time.monotonic() > give_up_at:
-                stopped.set()
-                image.set_kill(True)
-
-        rgb.set_progress(True)
-        rgb.signal_connect("eval", on_eval)
-    try:
-        rgb.rawsave(path)
-    except pyvips.Error as exc:
-        if stopped.is_set():
-            raise deadline_error(deadline_s or 0.0) from None
-        problem = "truncated" if "truncated" in str(exc).lower() else "corrupt or unsupported"
-        raise ProtocolError(ErrorCode.INVALID_IMAGE, f"{problem} {info.format} data") from exc
+    vips_run(rgb, lambda target: target.rawsave(path), info, deadline_s)
     return (rgb.width, rgb.height), orientation if orientation in range(1, 9) else 1
-
-
-def _to_rgb8(image: Any) -> Any:
-    """8-bit sRGB, 3 bands, alpha composited over white (as :func:`decode` does)."""
-    if image.interpretation == "cmyk" and image.format == "uchar" and image.bands == 4:
-        # Pillow's formula (no colour profile), so regions match the whole-image decode.
-        ink = 255 - image.extract_band(3)
-        return ((255 - image.extract_band(0, n=3)) * ink / 255).cast("uchar")
-    if image.interpretation not in ("srgb", "b-w") or image.format != "uchar":
-        image = image.colourspace("srgb")  # CMYK, 16-bit, Lab...: to 8-bit sRGB
-    if image.hasalpha():
-        image = image.flatten(background=[255, 255, 255])
-    if image.bands == 1:
-        image = image.bandjoin([image, image])
-    elif image.bands > BANDS:
-        image = image.extract_band(0, n=BANDS)
-    return image.cast("uchar")
 
 
 def _pillow_to_raw(source: str | bytes | memoryview, max_pixels: int,

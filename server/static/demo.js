@@ -13,6 +13,7 @@ const connection = client.connection;
  * every library callback lands in `events`, every file in `items`.
  */
 const demo = {
+  transport: "websocket",
   events: [],
   items: [],
   camera: { running: false, results: 0, dropped: 0, lastLabels: [], stats: null, errors: [] },
@@ -83,18 +84,49 @@ const connectionPill = $("#connection");
 
 function setConnection(state, text) {
   connectionPill.dataset.state = state;
+  connectionPill.dataset.transport = demo.transport;
   $(".connection-label", connectionPill).textContent = text;
+}
+
+/** Uploads go over tus and plain HTTP now (the library decided, or the socket never opened). */
+function useHttp() {
+  demo.transport = "tus";
+  connection.webSocketBlocked = true; // the library's uploads go straight to tus too
+  setConnection("http", "Connected over HTTP (tus): WebSockets are blocked");
+}
+
+/** Where the socket cannot be opened: does the server answer tus (a proxy blocks sockets)? */
+async function httpFallback() {
+  try {
+    const response = await fetch("/v1/tus/", { method: "OPTIONS" });
+    if (!response.headers.get("Tus-Version")) return false;
+    const body = await (await fetch("/v1/tasks", { headers: { Accept: "application/json" } })).json();
+    applyWelcome({ tasks: body.tasks.map((task) => task.name), default_task: body.default_task,
+      limits: null });
+    useHttp();
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 let reconnectDelay = 1000;
 let reconnectTimer = null;
+let failedConnects = 0;
 
 async function ensureConnected() {
   clearTimeout(reconnectTimer);
   try {
     await client.connect();
     reconnectDelay = 1000;
+    failedConnects = 0;
   } catch (error) {
+    failedConnects += 1;
+    if (error.code !== "unauthorized" && failedConnects >= 2 && demo.transport !== "tus"
+        && await httpFallback()) {
+      return;
+    }
+    if (demo.transport === "tus") return;
     setConnection("offline", error.code === "unauthorized" ? "Access denied" : "Offline — retrying");
     reconnectTimer = setTimeout(ensureConnected, reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, 15000);
@@ -103,6 +135,7 @@ async function ensureConnected() {
 
 connection.on("open", (welcome) => {
   demo.welcome = welcome;
+  demo.transport = "websocket";
   setConnection("open", "Connected");
   applyWelcome(welcome);
 });
@@ -126,6 +159,7 @@ function applyWelcome(welcome) {
   renderTaskFields();
   loadTaskDescriptions();
   const limits = welcome.limits;
+  if (!limits) return; // known over HTTP only: the socket's welcome has them
   $("#drop-hint").textContent =
     `JPEG, PNG, WebP, GIF, BMP, TIFF · up to ${formatBytes(limits.max_image_bytes)} each`;
   $("#server-info").textContent =
@@ -398,7 +432,9 @@ function startItem(item) {
     },
     onStage(stage, detail) {
       record(item, "stage", { stage, position: detail.position, attempt: detail.attempt, delay: detail.delay,
-        error: detail.error?.code, done: detail.done, total: detail.total });
+        error: detail.error?.code, done: detail.done, total: detail.total, transport: detail.transport });
+      item.transport = detail.transport ?? item.transport;
+      if (detail.transport === "tus" && demo.transport !== "tus") useHttp();
       item.stage = stage;
       item.detail = detail;
       if (stage === "upload" && !item.uploadStartedAt) item.uploadStartedAt = performance.now();

@@ -86,3 +86,9 @@ CONNECTIONS_TTL_S = 3600
 """Connection counts of a crashed gateway's clients fade after this."""
 WORKER_STALE_S = 10.0
 """A worker without a heartbeat for this long no longer counts as ready."""
+
+
+# Model rollouts.
+MODEL_SWITCHES = PREFIX + "models:switches"
+"""Pub/sub channel: a gateway that switched a model's revision announces it here (JSON
+``{"name", "revision"}``); every other gateway follows."""

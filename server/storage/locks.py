@@ -26,7 +26,7 @@ class UploadLocker(Protocol):
 
 
 class _MemoryLease:
-    def __init__(self, held: set[str], token: str) -> None:
+    def __init__(self, held: dict[str, _MemoryLease], token: str) -> None:
         self._held = held
         self._token = token
 
@@ -34,18 +34,19 @@ class _MemoryLease:
         pass
 
     async def release(self) -> None:
-        self._held.discard(self._token)
+        if self._held.get(self._token) is self:  # a stale lease frees nothing of a new holder's
+            del self._held[self._token]
 
 
 class MemoryLocker:
     def __init__(self) -> None:
-        self._held: set[str] = set()
+        self._held: dict[str, _MemoryLease] = {}
 
     async def acquire(self, token: str) -> Lease | None:
         if token in self._held:
             return None
-        self._held.add(token)
-        return _MemoryLease(self._held, token)
+        lease = self._held[token] = _MemoryLease(self._held, token)
+        return lease
 
 
 _RELEASE = """

@@ -136,6 +136,8 @@ def trace_forward(net: Any, item_shape: Sequence[int], *, dtype: Any = None,
                 # torch.jit is deprecated in favour of torch.compile, which costs tens of
                 # seconds of start-up per worker on a small CPU; TorchScript still works.
                 warnings.simplefilter("ignore", DeprecationWarning)
+                # transformers' deprecated properties, which tracing reads with the others.
+                warnings.simplefilter("ignore", FutureWarning)
                 traced = trace(wrapper, (probes[TRACE_BATCH],), check_trace=False)
                 module = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
             optimized = TracedForward(module, shape, dtype, keys, output_type, 0.0)

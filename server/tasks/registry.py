@@ -150,6 +150,10 @@ class Registry:
         self._described = described
         return described
 
+    def changed(self) -> None:
+        """A task's model changed (a revision switched): describe it afresh."""
+        self._described = None
+
 
 # Building tasks -----------------------------------------------------------------------------
 
@@ -238,17 +242,30 @@ def task_from_table(name: str, table: Mapping[str, Any]) -> TaskEntry:
         if "entry" in table:
             raise ValueError(f'kind "{kind}" takes no entry')
         try:
-            hf_task = KINDS[kind](model, name=name, **args)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"args do not fit kind {kind!r}: {exc}") from None
-        try:
-            hf_task.check_folder()
+            task = _hf_task(kind, model, name, args)
         except ModelFolderError as exc:
             raise ValueError(str(exc)) from None
-        task = hf_task
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"args do not fit kind {kind!r}: {exc}") from None
     else:
         raise ValueError(f"unknown kind {kind!r}; known: {PYTHON_KIND}, {', '.join(KINDS)}")
     return TaskEntry(task, serving, origin="tasks file")
+
+
+def _hf_task(kind: str, model: str, name: str, args: Mapping[str, Any]) -> Task:
+    """A Hugging Face kind's task; a classifier over a folder of versions
+    (``MODELS/<name>``, see :mod:`server.models.store`) follows its active revision."""
+    from server.models.store import is_versions_folder
+
+    if kind == "image-classification" and is_versions_folder(model):
+        from server.models.versioned import VersionedClassification
+
+        versioned = VersionedClassification(model, name=name, **args)
+        versioned.check_folder()
+        return versioned
+    hf_task = KINDS[kind](model, name=name, **args)
+    hf_task.check_folder()
+    return hf_task
 
 
 def read_tasks_file(path: Path) -> list[TaskEntry]:

@@ -17,6 +17,7 @@ import orjson
 import pybase64
 from fastapi import APIRouter, Request
 from starlette.datastructures import MutableHeaders, UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +39,10 @@ _FORM_OVERHEAD = 1 << 20
 def _state(request: Request) -> AppState:
     state: AppState = request.app.state.pixelstream
     return state
+
+
+CLIENT_CLOSED = 499
+"""Counted (never sent) for a request whose client left before its body was in."""
 
 
 class BodyTimeout(Exception):
@@ -173,6 +178,10 @@ async def _answer(request: Request, handler: Any) -> Response:
              "message": f"the request body did not arrive within {limit:g} s"},
             status_code=408, headers={"Connection": "close"},
         )
+    except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing failed
+        log.info("%s %s: the client went away before its body was in", request.method,
+                 request.url.path)
+        response = Response(status_code=CLIENT_CLOSED)
     except Exception:  # a fault: PROTOCOL.md's ``internal`` answer, details only in the log
         log.exception("%s %s failed (ref %s)", request.method, request.url.path, request_id)
         app.metrics.errors.labels(ErrorCode.INTERNAL.value).inc()
@@ -245,6 +254,8 @@ async def analyze_multipart(request: Request) -> Response:
                     form = await request.form(max_files=1, max_fields=8)
             except BodyTimeout:
                 raise
+            except ClientDisconnect:
+                raise
             except Exception as exc:  # python-multipart's and Starlette's parse errors
                 raise ProtocolError(
                     ErrorCode.BAD_MESSAGE, f"not a valid multipart form: {exc}"
@@ -257,6 +268,9 @@ async def analyze_multipart(request: Request) -> Response:
 async def _analyze_form(app: AppState, form: Any, principal: str | None) -> Response:
     """The multipart route's work once its form is parsed (and closed afterwards)."""
     try:
+        for name in ("file", "task", "options"):
+            if len(form.getlist(name)) > 1:  # one would be picked silently: refuse instead
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"the form has more than one {name!r}")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "the form needs a 'file' field")

@@ -38,6 +38,7 @@ from chunking.messages import Error, Progress, Result, Stage
 from chunking.reassembler import Appended, UploadState
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS, error_response
+from server.limits import KeyedBuckets
 from server.state import AppState
 from server.storage.locks import Lease
 from server.uploads import Caller, LiveUpload, UploadRequest
@@ -111,8 +112,20 @@ def _expires(app: AppState) -> str:
     return email.utils.formatdate(time.time() + app.settings.upload_idle_timeout_s, usegmt=True)
 
 
-def _guard(request: Request, app: AppState) -> Caller:
-    """Origin, token and the per-address request rate: as for every HTTP route."""
+def _request_buckets(request: Request, app: AppState) -> KeyedBuckets:
+    """Requests about existing uploads, per address, at a socket's message rate (a tus client
+    sends one request where a socket sends one message; the one-shot routes' 20 per second
+    would cut a client PATCHing small chunks, and tus clients do not retry a 429)."""
+    buckets: KeyedBuckets | None = getattr(request.app.state, "tus_buckets", None)
+    if buckets is None:
+        buckets = KeyedBuckets(app.settings.messages_per_second, app.settings.message_burst)
+        request.app.state.tus_buckets = buckets
+    return buckets
+
+
+def _guard(request: Request, app: AppState, *, creating: bool = False) -> Caller:
+    """Origin, token and the per-address request rate: creations count as the one-shot
+    routes' requests do, the rest as a socket's messages."""
     if not origin_allowed(request.headers.get("origin"), request.headers.get("host"),
                           app.settings.allowed_origins):
         raise ProtocolError(ErrorCode.FORBIDDEN_ORIGIN, "this origin may not upload here")
@@ -121,7 +134,9 @@ def _guard(request: Request, app: AppState) -> Caller:
     if auth.required and principal is None:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "a valid API token is required")
     address = request.client.host if request.client else "unknown"
-    wait_ms = app.http_buckets.take(address)
+    wait_ms = _request_buckets(request, app).take(address)
+    if creating and not wait_ms:
+        wait_ms = app.http_buckets.take(address)
     if wait_ms:
         raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests", retry_after_ms=wait_ms)
     return Caller(principal=principal, client=principal or address)
@@ -389,7 +404,7 @@ async def tus_collection(request: Request) -> Response:
 
 
 async def _create(request: Request, app: AppState) -> Response:
-    caller = _guard(request, app)
+    caller = _guard(request, app, creating=True)
     if request.headers.get("upload-defer-length") is not None:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "Upload-Defer-Length is not supported")
     size = _int_header(request, "upload-length")

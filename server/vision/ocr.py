@@ -42,7 +42,7 @@ class TextReader:
         from rapidocr import RapidOCR
 
         params: dict[str, Any] = {
-            "Global.log_level": "warning",
+            "Global.log_level": "error",  # "no text found" is an answer, not a warning
             "Global.max_side_len": MAX_SIDE,
         }
         if threads is not None:

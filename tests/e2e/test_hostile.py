@@ -31,6 +31,7 @@ from websockets.exceptions import InvalidStatus
 
 from chunking.codec import encode_client_binary
 from chunking.messages import Chunk, Frame
+from server.pipeline.decode import DEFAULT_DECODE_DEADLINE_S
 from server.tasks.builtin.colors import Colors
 from tests.conftest import (
     WAIT_S,
@@ -330,19 +331,160 @@ async def test_a_hostile_frame_gets_its_documented_error(server, open_client,
     await alongside(server, open_client, hostile)
 
 
+# Decode bombs under max_pixels: bounded before decoding, the worker's memory measured ----------
+
+WORKER_GROWTH_LIMIT = 400 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def pixels_server() -> Iterator[RunningServer]:
+    """The default pixel limit (about 179 MP), where these bombs pass the pixel count."""
+    settings = fast_settings(uploads_per_minute=0, max_connections_per_client=MAX_CONNECTIONS,
+                             max_pixels=178_956_970)
+    running = start_server(settings, tasks=(Colors(),))
+    yield running
+    running.stop()
+
+
+def _status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {key} for process {pid}")
+
+
+class WorkerMemory:
+    """Peak RSS growth of the server's worker processes from now (Linux ``clear_refs``)."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.pids = list(server.state.service.pool.worker_pids)
+        self.before = {}
+        for pid in self.pids:
+            with open(f"/proc/{pid}/clear_refs", "w") as refs:
+                refs.write("5")  # the peak mark starts again from the current RSS
+            self.before[pid] = _status_kib(pid, "VmRSS")
+
+    def growth_bytes(self) -> int:
+        return max(_status_kib(pid, "VmHWM") - self.before[pid] for pid in self.pids) * 1024
+
+
+DECODE_BOMBS: list[tuple[str, Callable[[], bytes], str]] = [
+    # 7 bytes short of nothing: libjpeg would keep 13000x13000 coefficients (484 MiB).
+    ("progressive_jpeg_empty_scans", lambda: bad.progressive_jpeg_claiming(13000, 13000),
+     "too_many_pixels"),
+    # Each scan a pass over 8000x8000 coefficients: a thousand of them took tens of seconds.
+    ("jpeg_1000_scans", lambda: bad.progressive_jpeg_claiming(8000, 8000, extra_scans=1000),
+     "too_many_pixels"),
+    ("jpeg_non_interleaved", lambda: bad.baseline_jpeg_non_interleaved_claiming(12000, 12000),
+     "too_many_pixels"),
+    ("tiff_16bit_one_strip", lambda: bad.tiff_claiming(10000, 10000, bits=16, samples=4),
+     "too_many_pixels"),
+    ("png_interlaced", lambda: bad.png_interlaced_claiming(10000, 10000), "too_many_pixels"),
+    ("webp_frame", lambda: bad.webp_vp8x_claiming(9000, 9000), "too_many_pixels"),
+    ("gif_canvas", lambda: bad.gif_claiming(9000, 9000), "too_many_pixels"),
+    # An honest 16-bit image of 169 MP: allowed, and streamed by libvips in little memory.
+    ("png_16bit_zeros", lambda: bad.png_16bit_zero_bomb(13000), "result"),
+]
+
+
+@pytest.mark.parametrize(("data", "answer"), [(make, answer) for _, make, answer in DECODE_BOMBS],
+                         ids=[name for name, _, _ in DECODE_BOMBS])
+async def test_a_decode_bomb_costs_the_worker_little(pixels_server, open_client,
+                                                     data: Callable[[], bytes], answer: str
+                                                     ) -> None:
+    image = data()
+    memory = WorkerMemory(pixels_server)
+
+    async def hostile(client: ProtocolClient) -> None:
+        await client.send_upload("bomb", image, chunk_size=CHUNK)
+        outcome = await client.outcome("bomb")
+        got = outcome["type"] if answer == "result" else outcome.get("code")
+        assert got == answer, outcome
+
+    started = time.monotonic()
+    await alongside(pixels_server, open_client, hostile)
+    took = time.monotonic() - started
+    growth = memory.growth_bytes()
+    print(f"worker growth {growth / 2**20:.1f} MiB; bomb and victim done in {took:.2f} s")
+    assert growth < WORKER_GROWTH_LIMIT
+    # Never stuck behind the bomb until a timeout: every decode stops at its deadline.
+    assert took < DEFAULT_DECODE_DEADLINE_S
+
+
+@pytest.mark.parametrize("data", [
+    lambda: bad.progressive_jpeg_claiming(13000, 13000),
+    lambda: bad.progressive_jpeg_claiming(8000, 8000, extra_scans=1000),
+], ids=["progressive_jpeg_empty_scans", "jpeg_1000_scans"])
+async def test_a_decode_bomb_as_a_camera_frame_meets_the_same_limits(
+        pixels_server, open_client, data: Callable[[], bytes]) -> None:
+    memory = WorkerMemory(pixels_server)
+
+    async def hostile(client: ProtocolClient) -> None:
+        await client.frame("cam", 1, data())
+        error = await client.expect("error", stream="cam")
+        assert (error["code"], error["seq"]) == ("too_many_pixels", 1)
+        await assert_alive(client)
+
+    await alongside(pixels_server, open_client, hostile)
+    assert memory.growth_bytes() < WORKER_GROWTH_LIMIT
+
+
 # What the WebSocket layer refuses: the socket closes, nothing else does -----------------------
 
 
-async def test_invalid_utf8_in_a_text_frame_closes_only_that_socket_1007(server, open_client
-                                                                         ) -> None:
+async def test_invalid_utf8_in_a_text_frame_closes_only_that_socket_1007(
+    server, open_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
     async def hostile(_: ProtocolClient) -> None:
-        async with RawWebSocket.connect(server.port) as raw:
-            await raw.welcome()
-            await raw.send_raw(frame_bytes(OP_TEXT, b'{"type": "\xff\xfe"}'))
-            async with asyncio.timeout(WAIT_S):
-                assert await raw.closed() == 1007
+        for _ in range(3):  # each one used to log an ERROR with a traceback
+            async with RawWebSocket.connect(server.port) as raw:
+                await raw.welcome()
+                await raw.send_raw(frame_bytes(OP_TEXT, b'{"type": "\xff\xfe"}'))
+                async with asyncio.timeout(WAIT_S):
+                    assert await raw.closed() == 1007
 
     await alongside(server, open_client, hostile)
+    noted = [r for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert len(noted) == 3
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in noted)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_client_dropping_its_analyze_body_is_no_fault(
+    server, open_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends half its body and disconnects: the server notes it, counts no
+    ``internal`` error, logs no traceback, and holds nothing for it afterwards."""
+    caplog.set_level(logging.INFO)
+    registry = server.state.metrics.registry
+
+    def internal() -> float:
+        return registry.get_sample_value("pixelstream_errors_total", {"code": "internal"}) or 0
+
+    before = internal()
+
+    async def hostile(_: ProtocolClient) -> None:
+        form_head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+        for path, content_type, head in (
+            ("/api/analyze", "application/json", b'{"image": "'),
+            ("/v1/analyze", "multipart/form-data; boundary=b", form_head),
+        ):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n"
+                         .encode() + head + b"A" * 5000)
+            await writer.drain()
+            writer.close()  # gone, mid-body
+            await writer.wait_closed()
+
+    await alongside(server, open_client, hostile)
+    await until(lambda: len([r for r in caplog.records if "went away" in r.getMessage()]) == 2,
+                "both dropped requests to be noted")
+    assert internal() == before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_a_message_beyond_the_transport_limit_closes_only_that_socket_1009(

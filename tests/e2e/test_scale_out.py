@@ -8,6 +8,7 @@ it can stop and restart it without touching anyone else's Redis.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +350,52 @@ def test_the_documented_recipe_runs_with_the_real_commands(private_redis, tmp_pa
             process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait(60)
+
+
+async def test_a_tus_upload_goes_on_through_the_other_gateway_one_writer_at_a_time(
+    cluster,
+) -> None:
+    """The upload URL is the capability: any gateway continues it, the lock holds across
+    them, and the result can be read on either."""
+    one, two = cluster().gateways
+    data = unique_image(400, 300)
+    tus = {"Tus-Resumable": "1.0.0"}
+    stream = {**tus, "Content-Type": "application/offset+octet-stream"}
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+        created = await http.post(one.http_url + "/v1/tus/",
+                                  headers={**tus, "Upload-Length": str(len(data))})
+        path = httpx.URL(created.headers["Location"]).path
+        first_half = await http.patch(one.http_url + path, content=data[:20_000],
+                                      headers={**stream, "Upload-Offset": "0"})
+        assert first_half.status_code == 204
+        head = await http.head(two.http_url + path, headers=tus)
+        assert head.headers["Upload-Offset"] == "20000"
+
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield data[20_000:30_000]
+            started.set()
+            await release.wait()
+            yield data[30_000:40_000]
+
+        holding = asyncio.create_task(http.patch(one.http_url + path, content=slow_body(),
+                                                 headers={**stream, "Upload-Offset": "20000"}))
+        await started.wait()
+        async with asyncio.timeout(WAIT_S):
+            while True:  # gateway one holds the lock once it has read the headers
+                other = await http.patch(two.http_url + path, content=b"x",
+                                         headers={**stream, "Upload-Offset": "20000"})
+                if other.status_code == 423:
+                    break
+                assert other.status_code == 409, other.text
+        release.set()
+        assert (await holding).headers["Upload-Offset"] == "40000"
+        rest = await http.patch(two.http_url + path, content=data[40_000:],
+                                headers={**stream, "Upload-Offset": "40000"})
+        assert rest.status_code == 204
+        on_two = await http.get(two.http_url + path + "/result", params={"wait": 30})
+        on_one = await http.get(one.http_url + path + "/result", params={"wait": 30})
+    assert on_two.status_code == on_one.status_code == 200, (on_two.text, on_one.text)
+    assert on_two.json()["result"] == on_one.json()["result"]
+    assert on_one.json()["image"]["width"] == 400

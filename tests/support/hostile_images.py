@@ -82,10 +82,68 @@ def bmp_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def tiff_claiming(width: int, height: int) -> bytes:
-    """A minimal little-endian TIFF directory with only a width and a height."""
-    entries = struct.pack("<HHII", 256, 4, 1, width) + struct.pack("<HHII", 257, 4, 1, height)
-    return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2) + entries + b"\x00" * 4
+def tiff_claiming(width: int, height: int, *, bits: int | None = None,
+                  samples: int | None = None) -> bytes:
+    """A minimal little-endian TIFF directory with a width and a height (and, if given,
+    BitsPerSample and SamplesPerPixel; no RowsPerStrip: one strip of the whole image)."""
+    tags = [(256, 4, width), (257, 4, height)]
+    if bits is not None:
+        tags.append((258, 3, bits))
+    if samples is not None:
+        tags.append((277, 3, samples))
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in tags)
+    return (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries
+            + b"\x00" * 4)
+
+
+def png_interlaced_claiming(width: int, height: int) -> bytes:
+    """A real 1x1 Adam7-interlaced RGB PNG whose IHDR claims other dimensions."""
+    data = bytearray(png_claiming(width, height))
+    ihdr = 16
+    data[ihdr + 12] = 1  # interlace method: Adam7
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def png_16bit_zero_bomb(side: int = 13000) -> bytes:
+    """An honest 16-bit greyscale PNG of zeros: side x side (13000: 338 MB of samples) in
+    about 1.5 MB (deflate at its fastest level; level 9 would give about 330 KB)."""
+    deflate = zlib.compressobj(1)
+    row = b"\x00" * (2 * side + 1)
+    body = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", body)
+            + png_chunk(b"IEND", b""))
+
+
+def progressive_jpeg_claiming(width: int, height: int, *, extra_scans: int = 0,
+                              subsampling: int = 2) -> bytes:
+    """A real 16x16 progressive JPEG whose frame header (SOF2) claims other dimensions: its
+    few bytes of scans leave libjpeg to fill every coefficient of the claimed size, which it
+    keeps whole. ``extra_scans`` repeats the last scan that many times (each costs a pass
+    over every coefficient). ``subsampling``: Pillow's code (0: 4:4:4, 2: 4:2:0)."""
+    data = bytearray(make_image(16, 16, "JPEG", progressive=True, subsampling=subsampling))
+    at = data.index(b"\xff\xc2")
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    last_scan = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    scan = bytes(data[last_scan:end])
+    return bytes(data[:end]) + scan * extra_scans + b"\xff\xd9"
+
+
+def baseline_jpeg_non_interleaved_claiming(width: int, height: int) -> bytes:
+    """A baseline JPEG whose first scan holds one component of three: libjpeg must then
+    buffer every coefficient, as for a progressive one (built by splitting the single
+    interleaved scan's header into the claim; the decoder fails later, after allocating)."""
+    data = bytearray(jpeg_claiming(width, height))
+    at = data.index(b"\xff\xda")
+    # SOS: length, Ns, (Cs, Td/Ta) x Ns, Ss, Se, Ah/Al. Keep only the first component.
+    ns = data[at + 4]
+    components = bytes(data[at + 5 : at + 5 + 2 * ns])
+    tail = bytes(data[at + 5 + 2 * ns : at + 8 + 2 * ns])
+    header = b"\xff\xda" + struct.pack(">HB", 6 + 2, 1) + components[:2] + tail
+    return bytes(data[:at]) + header + bytes(data[at + 8 + 2 * ns :])
 
 
 def truncated(data: bytes, keep: float = 0.6) -> bytes:

@@ -29,6 +29,7 @@ SETTING_CASES: dict[str, tuple[str, Any]] = {
     "cache_entries": ("0", 0),
     "api_tokens": ("alpha, beta,", ("alpha", "beta")),
     "api_tokens_file": ("/etc/pixelstream/tokens", Path("/etc/pixelstream/tokens")),
+    "admin_token": ("s3cret", "s3cret"),
     "allowed_origins": ("https://a.example, http://b.example:8080",
                         ("https://a.example", "http://b.example:8080")),
     "allowed_hosts": ("api.example, .internal.example", ("api.example", ".internal.example")),

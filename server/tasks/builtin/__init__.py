@@ -14,5 +14,14 @@ from server.tasks.hf import ImageClassification
 def builtin_tasks(classify_model: str | None = None) -> list[Task]:
     """Fresh instances of the built-in tasks, the default task (``classify``) first.
     ``classify_model``: a classifier folder replacing the bundled MobileNetV2 (``--model``)."""
-    classify = ImageClassification(classify_model, name="classify")
+    from server.models.store import is_versions_folder
+
+    classify: Task
+    if is_versions_folder(classify_model):
+        from server.models.versioned import VersionedClassification
+
+        assert classify_model is not None
+        classify = VersionedClassification(classify_model, name="classify")
+    else:
+        classify = ImageClassification(classify_model, name="classify")
     return [classify, Colors(), Ocr(), Codes(), Faces(), Moderate()]

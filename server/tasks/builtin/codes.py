@@ -12,8 +12,8 @@ from typing import Any
 from server.tasks import results
 from server.tasks.contract import DecodeHint, ModelInfo, SpatialOptions, Task, Tiling, View
 from server.tasks.spatial import suppress_duplicates
+from server.vision import Loading, package_version
 from server.vision import codes as engine
-from server.vision import package_version
 
 
 def _area(code: dict[str, Any]) -> float:
@@ -40,7 +40,7 @@ class Codes(Task):
     tiling = Tiling(size=2048, overlap=512)
 
     def __init__(self) -> None:
-        self._reader: engine.CodeReader | None = None
+        self._reader: Loading[engine.CodeReader] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}  # workers load their own
@@ -50,12 +50,12 @@ class Codes(Task):
         return ModelInfo(id=engine.DISTRIBUTION, revision=package_version(engine.DISTRIBUTION))
 
     def setup(self, device: str) -> None:
-        self._reader = engine.CodeReader()
+        self._reader = Loading(lambda: engine.CodeReader())
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
-        reader = self._reader
-        if reader is None:
+        if self._reader is None:
             raise RuntimeError("setup() was not called")
+        reader = self._reader.get()
         return [reader.read(image) for image in batch]
 
     def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:

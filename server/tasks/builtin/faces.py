@@ -15,8 +15,8 @@ from pydantic import Field
 from server.tasks import results
 from server.tasks.contract import DecodeHint, ModelInfo, SpatialOptions, Task, Tiling, View
 from server.tasks.spatial import suppress_duplicates
+from server.vision import Loading, package_version
 from server.vision import faces as engine
-from server.vision import package_version
 
 DEFAULT_THRESHOLD = 0.6
 
@@ -45,7 +45,7 @@ class Faces(Task):
     tiling = Tiling(size=2048, overlap=512)
 
     def __init__(self) -> None:
-        self._detector: engine.FaceDetector | None = None
+        self._detector: Loading[engine.FaceDetector] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_detector": None}  # workers load their own
@@ -55,16 +55,16 @@ class Faces(Task):
         return ModelInfo(id=engine.MODEL_ID, revision=package_version(engine.DISTRIBUTION))
 
     def setup(self, device: str) -> None:
-        self._detector = engine.FaceDetector()
+        self._detector = Loading(lambda: engine.FaceDetector())
 
     def preprocess(self, view: View, options: Any) -> Any:
         # The threshold goes with the image: duplicates are removed among the faces above it.
         return view.image, options.threshold
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
-        detector = self._detector
-        if detector is None:
+        if self._detector is None:
             raise RuntimeError("setup() was not called")
+        detector = self._detector.get()
         return [detector.detect(image, min_score=threshold) for image, threshold in batch]
 
     def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from typing import Any
 
 from server.tasks import results
 from server.tasks.contract import DecodeHint, ModelInfo, Task, TaskOptions, View
+from server.vision import Loading, package_version, thread_count
 from server.vision import moderate as engine
-from server.vision import package_version, thread_count
 
 
 class Moderate(Task):
@@ -20,7 +20,7 @@ class Moderate(Task):
     decode = DecodeHint(min_short_side=engine.INPUT_SIDE)
 
     def __init__(self) -> None:
-        self._scorer: engine.NsfwScorer | None = None
+        self._scorer: Loading[engine.NsfwScorer] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_scorer": None}  # workers load their own
@@ -30,15 +30,15 @@ class Moderate(Task):
         return ModelInfo(id=engine.MODEL_ID, revision=package_version(engine.DISTRIBUTION))
 
     def setup(self, device: str) -> None:
-        self._scorer = engine.NsfwScorer(threads=thread_count())
+        self._scorer = Loading(lambda: engine.NsfwScorer(threads=thread_count()))
 
     def preprocess(self, view: View, options: Any) -> Any:
         return engine.prepare(view.image)
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
-        scorer = self._scorer
-        if scorer is None:
+        if self._scorer is None:
             raise RuntimeError("setup() was not called")
+        scorer = self._scorer.get()
         return scorer.score(batch)
 
     def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from typing import Any
 
 from server.tasks import results
 from server.tasks.contract import DecodeHint, ModelInfo, SpatialOptions, Task, Tiling, View
+from server.vision import Loading, package_version, thread_count
 from server.vision import ocr as engine
-from server.vision import package_version, thread_count
 
 MIN_STITCH = 2
 """Fewest repeated characters that count as the overlap of two pieces of one line."""
@@ -128,7 +128,7 @@ class Ocr(Task):
     tiling = Tiling(size=engine.TILE_SIDE, overlap=192)
 
     def __init__(self) -> None:
-        self._reader: engine.TextReader | None = None
+        self._reader: Loading[engine.TextReader] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}  # workers load their own
@@ -138,12 +138,12 @@ class Ocr(Task):
         return ModelInfo(id=engine.MODEL_ID, revision=package_version(engine.DISTRIBUTION))
 
     def setup(self, device: str) -> None:
-        self._reader = engine.TextReader(threads=thread_count())
+        self._reader = Loading(lambda: engine.TextReader(threads=thread_count()))
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
-        reader = self._reader
-        if reader is None:
+        if self._reader is None:
             raise RuntimeError("setup() was not called")
+        reader = self._reader.get()
         return [reader.read(image) for image in batch]
 
     def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Every image is generated here with Pillow/numpy (a few are assembled or patched 
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import struct
@@ -24,8 +25,21 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps
 
 from chunking.errors import ErrorCode, ProtocolError
-from server.pipeline.decode import DecodedImage, ImageInfo, check_pixels, decode, probe
+from server.pipeline import decode as decode_module
+from server.pipeline.decode import (
+    DECODE_MEMORY_BUDGET,
+    DEFAULT_DECODE_DEADLINE_S,
+    MAX_JPEG_SCANS,
+    MIN_JPEG_SCANS,
+    DecodedImage,
+    ImageInfo,
+    check_pixels,
+    decode,
+    header_of,
+    probe,
+)
 from server.tasks.contract import DecodeHint
+from tests.support import hostile_images as bad
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MAX_PIXELS = 178_956_970  # the protocol's advertised default
@@ -507,7 +521,7 @@ def test_gif_frame_past_its_screen_reports_the_grown_size() -> None:
 
 
 def test_pillow_limit_maps_to_too_many_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
-    data = encode(pattern_image(100, 100), "PNG")
+    data = encode(pattern_image(100, 100), "BMP")  # a format Pillow decodes
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses > 2000 pixels
     expect_error(ErrorCode.TOO_MANY_PIXELS, lambda: run_decode(data))
 
@@ -515,7 +529,7 @@ def test_pillow_limit_maps_to_too_many_pixels(monkeypatch: pytest.MonkeyPatch) -
 def test_pillow_bomb_warning_is_neither_raised_nor_an_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    data = encode(pattern_image(100, 100), "PNG")
+    data = encode(pattern_image(100, 100), "BMP")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # 10000 pixels: Pillow only warns
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -965,7 +979,10 @@ def test_a_decode_reads_only_bytes_that_have_arrived(fmt: str, hint: int | None,
                                                      tmp_path: Path) -> None:
     data = encode(pattern_image(900, 600, seed=4), fmt)
     arrival = Arrival(data, step=4096, path=tmp_path / "arriving" if source == "file" else None)
-    whole = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(hint))
+    # The same decoder on the whole file (any wait_for keeps a PNG with Pillow, which reads
+    # a piece at a time; with every byte there it goes to libvips).
+    whole = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(hint),
+                   wait_for=lambda end: None)
     ahead = decode(arrival.path or memoryview(arrival.buffer), max_pixels=DEFAULT_MAX_PIXELS,
                    hint=DecodeHint(hint), wait_for=arrival.wait_for)
     assert ahead.info == whole.info
@@ -987,3 +1004,130 @@ def test_a_decode_stopped_while_waiting_raises_the_waiters_exception() -> None:
     with pytest.raises(Stop):
         decode(memoryview(bytearray(data)), max_pixels=DEFAULT_MAX_PIXELS,
                hint=DecodeHint(64), wait_for=wait_for)
+
+
+# ------------------------------------------------------------------------------------------
+# Decode cost: bombs under max_pixels, bounded before decoding (memory, scans, time)
+
+
+@pytest.fixture
+def no_decoder(monkeypatch: pytest.MonkeyPatch, no_pillow: None) -> None:
+    """Fail the test if Pillow or libvips is asked to open or decode anything."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("libvips was called for an image that the header already rejects")
+
+    monkeypatch.setattr(decode_module, "vips_open", refuse)
+
+
+COSTLY = [
+    # libjpeg keeps every coefficient (2 bytes a sample) of a progressive JPEG, whatever the
+    # scale: 13000x13000 4:2:0 needs 484 MiB, 9000x9000 4:4:4 464 MiB.
+    ("progressive_jpeg_13000", lambda: bad.progressive_jpeg_claiming(13000, 13000)),
+    ("progressive_jpeg_444", lambda: bad.progressive_jpeg_claiming(9000, 9000, subsampling=0)),
+    # A baseline JPEG whose first scan lacks components is buffered the same way.
+    ("non_interleaved_jpeg", lambda: bad.baseline_jpeg_non_interleaved_claiming(12000, 12000)),
+    # Whole frames: 16-bit RGBA TIFF in one strip, interlaced PNG, WebP, a GIF's canvas.
+    ("tiff_16bit_one_strip", lambda: bad.tiff_claiming(10000, 10000, bits=16, samples=4)),
+    ("png_interlaced", lambda: bad.png_interlaced_claiming(10000, 10000)),
+    ("webp", lambda: bad.webp_vp8x_claiming(9000, 9000)),
+    ("gif", lambda: bad.gif_claiming(9000, 9000)),
+]
+
+
+@pytest.mark.parametrize(("name", "build"), COSTLY, ids=[c[0] for c in COSTLY])
+@pytest.mark.parametrize("short", [224, None])
+@pytest.mark.usefixtures("no_decoder")
+def test_images_too_costly_to_decode_are_refused_from_the_header(
+        name: str, build: Callable[[], bytes], short: int | None) -> None:
+    data = build()
+    assert probe(data) is not None  # under max_pixels: the pixel count alone lets it in
+    error = expect_error(ErrorCode.TOO_MANY_PIXELS,
+                         lambda: run_decode(data, max_pixels=DEFAULT_MAX_PIXELS, short=short))
+    assert f"over the limit of {DECODE_MEMORY_BUDGET // 2**20} MiB" in error.message
+    # The same for a full-resolution decode by libvips (pixel_source's regions).
+    error = expect_error(ErrorCode.TOO_MANY_PIXELS,
+                         lambda: header_of(data, DEFAULT_MAX_PIXELS))
+
+
+def test_the_documented_progressive_budget_lets_a_large_420_photo_in() -> None:
+    # 9000x9000 4:2:0: 81 MP, 232 MiB of coefficients, under the budget.
+    assert header_of(bad.progressive_jpeg_claiming(9000, 9000), DEFAULT_MAX_PIXELS)
+
+
+@pytest.mark.usefixtures("no_decoder")
+def test_a_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    bomb = bad.progressive_jpeg_claiming(2000, 2000, extra_scans=1000)
+    assert bomb.count(b"\xff\xda") > MAX_JPEG_SCANS
+    error = expect_error(ErrorCode.TOO_MANY_PIXELS, lambda: run_decode(bomb))
+    assert f"more than {MAX_JPEG_SCANS} scans" in error.message
+
+
+def test_large_jpegs_may_have_fewer_scans() -> None:
+    # 30 scans: fine for a 2000x2000 JPEG, too many for 9000x9000 (24 allowed).
+    small = bad.progressive_jpeg_claiming(2000, 2000, extra_scans=20)
+    large = bad.progressive_jpeg_claiming(9000, 9000, extra_scans=20)
+    assert small.count(b"\xff\xda") == large.count(b"\xff\xda") == 30
+    assert run_decode(small, short=64).info == ImageInfo(2000, 2000, "JPEG")
+    error = expect_error(ErrorCode.TOO_MANY_PIXELS, lambda: run_decode(large, short=64))
+    assert "more than 24 scans" in error.message
+    assert MIN_JPEG_SCANS <= 24 <= MAX_JPEG_SCANS
+
+
+def test_scans_are_counted_while_the_bytes_arrive() -> None:
+    bomb = bad.progressive_jpeg_claiming(2000, 2000, extra_scans=10000)  # 340 KB
+    arrival = Arrival(bomb, step=4096)
+    error = expect_error(ErrorCode.TOO_MANY_PIXELS, lambda: decode(
+        memoryview(arrival.buffer), max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(64),
+        wait_for=arrival.wait_for))
+    assert f"more than {MAX_JPEG_SCANS} scans" in error.message
+    assert arrival.received < len(bomb)  # stopped well before the end
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF"])
+def test_a_decode_past_its_deadline_is_stopped(fmt: str) -> None:
+    data = encode(pattern_image(600, 400), fmt)
+    assert decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(64),
+                  deadline_s=None).image.size
+    error = expect_error(ErrorCode.TOO_MANY_PIXELS, lambda: decode(
+        data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(64), deadline_s=0.0))
+    assert "longer than 0 s" in error.message
+
+
+def test_every_decode_has_a_deadline_by_default() -> None:
+    assert inspect.signature(decode).parameters["deadline_s"].default == \
+        DEFAULT_DECODE_DEADLINE_S
+
+
+@pytest.mark.parametrize("image", [
+    pattern_image(640, 480),
+    Image.fromarray(np.dstack([pattern(640, 480), np.tile(np.arange(640, dtype=np.uint8)[None],
+                                                          (480, 1))]), "RGBA"),
+    Image.fromarray(pattern(640, 480)[..., 0].astype(np.uint16) * 257),
+    pattern_image(640, 480).quantize(64),
+], ids=["rgb", "rgba", "grey16", "palette"])
+@pytest.mark.parametrize("short", [100, None])
+def test_streamed_png_matches_pillows_decode(image: Image.Image, short: int | None) -> None:
+    data = encode(image, "PNG")
+    streamed = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(short))
+    by_pillow = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(short),
+                       wait_for=lambda end: None)  # data "arriving": Pillow reads it
+    assert streamed.info == by_pillow.info
+    assert streamed.image.size == by_pillow.image.size
+    assert streamed.image.mode == "RGB"
+    difference = np.abs(np.asarray(streamed.image, np.int16)
+                        - np.asarray(by_pillow.image, np.int16))
+    assert difference.mean() < 1.0
+
+
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset"
+)
+def test_a_16bit_png_bomb_streams_in_bounded_memory(tmp_path: Path) -> None:
+    # 13000x13000 16-bit grey: 338 MB of samples (Pillow held 1.3 GB decoding it whole).
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bad.png_16bit_zero_bomb(13000))
+    kib, seconds, size = peak_rss_kib(path, 224)
+    print(f"16-bit PNG bomb: {kib} KiB, {seconds * 1000:.0f} ms")
+    assert size == (224, 224)  # shrunk by 58
+    assert kib * 1024 < 13000 * 13000 * 2 // 4

@@ -702,3 +702,15 @@ async def test_a_request_that_does_not_fit_the_memory_budget_is_busy(server_fact
     small = await post_form(http, server, unique_image(40, 30))
     assert small.status_code == 200
     assert server.state.budget.held == 0
+
+
+async def test_a_form_field_given_twice_is_refused_not_picked(colors_server, http) -> None:
+    image = unique_image(40, 30)
+    for fields in ({"task": ["colors", "gate"]}, {"options": ["{}", '{"colors": 3}']}):
+        answer = await http.post(colors_server.http_url + "/v1/analyze", data=fields,
+                                 files={"file": ("image.png", image, "image/png")})
+        assert_error(answer, 400, "bad_message")
+    answer = await http.post(colors_server.http_url + "/v1/analyze",
+                             files=[("file", ("a.png", image, "image/png")),
+                                    ("file", ("b.png", image, "image/png"))])
+    assert_error(answer, 400, "bad_message")

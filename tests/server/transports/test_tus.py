@@ -307,3 +307,26 @@ async def test_an_upload_over_the_memory_budget_is_busy(server_factory) -> None:
         assert first.status_code == 201
         second = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "1000"})
         assert (second.status_code, second.json()["code"]) == (503, "busy")
+
+
+async def test_the_clients_upload_rate_applies_to_tus_creations(server_factory) -> None:
+    server = server_factory(uploads_per_minute=1)
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as client:
+        first = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "10"})
+        assert first.status_code == 201
+        second = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "10"})
+        assert (second.status_code, second.json()["code"]) == (429, "rate_limited")
+        assert "Retry-After" in second.headers
+
+
+async def test_many_small_patches_are_not_cut_by_the_one_shot_request_rate(http) -> None:
+    """A tus client PATCHing small chunks makes many requests, one per chunk, as a socket
+    sends one message per chunk: they count at the socket's rate, not the one-shot routes'."""
+    image = unique_image(200, 150)
+    url = await create(http, len(image))
+    piece = len(image) // 60 + 1
+    for offset in range(0, len(image), piece):
+        response = await patch(http, url, offset, image[offset:offset + piece])
+        assert response.status_code == 204, response.text
+    result = await http.get(url + "/result", params={"wait": 20})
+    assert result.status_code == 200
