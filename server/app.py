@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from server import docs, exposure, openapi
 from server.analysis import AnalysisService
 from server.auth import HostPolicy, TokenAuth
-from server.limits import ClientLimits, KeyedBuckets, MemoryBudget
+from server.limits import ClientLimits, KeyedBuckets, MemoryBudget, shared_client_share
 from server.logs import install_redaction
 from server.metrics import Metrics
 from server.pipeline.pool import WorkerPool
@@ -94,6 +94,12 @@ def worker_devices(registry: Registry) -> dict[str, str]:
             if entry.serving.device is not None}
 
 
+def worker_placement(registry: Registry) -> dict[str, int]:
+    """Tasks a tasks file places on fewer than every worker: how many load each."""
+    return {entry.task.name: entry.serving.workers for entry in registry.entries
+            if entry.serving.workers is not None}
+
+
 Backends = tuple[UploadStore, ResultCache, JobQueue, RateLimiter]
 
 
@@ -107,7 +113,7 @@ def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
     pool = WorkerPool(
         WorkerConfig(tasks=tuple(e.task for e in registry.entries),
                      torch_threads=torch_threads(settings), device=settings.device,
-                     devices=worker_devices(registry)),
+                     devices=worker_devices(registry), placement=worker_placement(registry)),
         workers=settings.workers,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
@@ -125,7 +131,9 @@ async def _shared_backends(settings: Settings, registry: Registry, metrics: Metr
     assert settings.redis_url is not None
     redis = connect_redis(settings.redis_url)
     stack.push_async_callback(redis.aclose)
-    store = RedisUploadStore(redis, idle_s=settings.upload_idle_timeout_s)
+    total = settings.redis_upload_bytes or settings.memory_budget_bytes
+    store = RedisUploadStore(redis, idle_s=settings.upload_idle_timeout_s, total_bytes=total,
+                             client_bytes=shared_client_share(total, settings.max_image_bytes))
     cache = TieredResultCache(LruResultCache(settings.cache_entries),
                               RedisResultCache(redis, ttl_s=settings.result_ttl_s))
     queue = RedisJobQueue(redis, max_queue=settings.max_queue, metrics=metrics)

@@ -195,3 +195,9 @@ class MemoryBudget:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change(self.held, self.waiting)
+
+
+def shared_client_share(limit: int, max_image_bytes: int) -> int:
+    """The most of a shared byte cap one client may hold: a quarter, or as much as one largest
+    upload needs up to half, so that a client alone never holds it all."""
+    return max(limit // 4, min(max_image_bytes, limit // 2))

@@ -114,6 +114,10 @@ class Settings:
     # Scale-out (see README: Redis).
     redis_url: str | None = None
     """Redis for shared uploads, results, jobs and rate limits; None: everything in-process."""
+    redis_upload_bytes: int = 0
+    """Bytes of unfinished uploads all gateways together may keep in Redis; 0: as many as
+    memory_budget_bytes. One client may keep a quarter of it (half, when a largest upload
+    needs more); a chunk past either cap is answered ``busy``."""
     result_ttl_s: float = 86400.0
     """How long results stay in the shared (Redis) cache."""
     claim_idle_ms: int = 15000
@@ -138,7 +142,8 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("workers", "max_connections_per_client", "uploads_per_minute",
-                     "bytes_per_minute", "claim_idle_ms", "decode_ahead_bytes"):
+                     "bytes_per_minute", "claim_idle_ms", "decode_ahead_bytes",
+                     "redis_upload_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.workers < 1 and self.redis_url is None:

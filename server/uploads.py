@@ -198,6 +198,7 @@ class UploadService:
         meta = UploadMeta(
             upload_id=request.upload_id, size=request.size, task=spec.name, options=options,
             sha256=request.sha256, name=request.name, principal=caller.principal,
+            client=caller.client,
         )
         if request.sha256 is not None and answer_from_cache:
             key = service.cache_key(request.sha256, spec, options, caller.principal)

@@ -29,6 +29,9 @@ class UploadMeta:
     name: str | None = None
     principal: str | None = None
     """Who created it (a token's identity); only the same principal may resume it."""
+    client: str | None = None
+    """Whose budgets it spends (the principal, else the address): the shared store's byte
+    caps count its bytes against this client."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,11 @@ def upload_lock(token: str) -> str:
     return f"{PREFIX}upload:{token}:lock"
 
 
+HELD_BYTES = PREFIX + "uploads:held"
+"""Hash: client → bytes of its unfinished uploads in Redis, and ``*`` → all clients' (the
+byte caps). Each upload's record names the client (``client``) its bytes count against."""
+
+
 def staged_image(name: str) -> str:
     """String: a whole image that arrived in one piece (HTTP), for a worker to read."""
     return f"{PREFIX}image:{name}"

@@ -86,7 +86,18 @@ if received ~= tonumber(ARGV[2]) or redis.call('HGET', KEYS[1], 'complete') == '
   return {-3, received}
 end
 local n = string.len(ARGV[3])
-if n > 0 then redis.call('APPEND', KEYS[2], ARGV[3]) end
+if n > 0 then
+  local client = redis.call('HGET', KEYS[1], 'client') or ''
+  local mine = tonumber(redis.call('HGET', KEYS[4], client) or '0')
+  local all = tonumber(redis.call('HGET', KEYS[4], '*') or '0')
+  local client_cap, total_cap = tonumber(ARGV[7]), tonumber(ARGV[8])
+  if (client_cap > 0 and mine + n > client_cap) or (total_cap > 0 and all + n > total_cap) then
+    return {-4, received}
+  end
+  redis.call('APPEND', KEYS[2], ARGV[3])
+  redis.call('HINCRBY', KEYS[4], client, n)
+  redis.call('HINCRBY', KEYS[4], '*', n)
+end
 received = received + n
 redis.call('HSET', KEYS[1], 'received', received, 'last_write', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -107,20 +118,40 @@ end
 return 1
 """
 
-_DISCARD = """
+_UNCOUNT = """
+local function uncount(record, held)
+  if redis.call('HGET', record, 'complete') == '1' then return end
+  local n = tonumber(redis.call('HGET', record, 'received') or '0')
+  if n <= 0 then return end
+  local client = redis.call('HGET', record, 'client') or ''
+  if redis.call('HINCRBY', held, client, -n) <= 0 then redis.call('HDEL', held, client) end
+  if redis.call('HINCRBY', held, '*', -n) <= 0 then redis.call('HDEL', held, '*') end
+end
+"""
+"""Gives an unfinished upload's bytes back to the byte caps (before its record goes, or when
+it completes: its bytes then belong to the job queue, which ``max_queue`` bounds)."""
+
+_FINISHED = _UNCOUNT + """
+uncount(KEYS[1], KEYS[2])
+return 1
+"""
+
+_DISCARD = _UNCOUNT + """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+uncount(KEYS[1], KEYS[4])
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 return 1
 """
 
-_EXPIRE = """
+_EXPIRE = _UNCOUNT + """
 local gone = {}
 for _, token in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
   redis.call('ZREM', KEYS[1], token)
   local record = ARGV[2] .. token
   local last = redis.call('HGET', record, 'last_write')
   if (not last) or tonumber(last) <= tonumber(ARGV[1]) then
+    uncount(record, KEYS[2])
     redis.call('DEL', record, record .. ':data')
     table.insert(gone, token)
   end
@@ -158,9 +189,17 @@ class RedisUploadStore:
     """Uploads any gateway can continue. ``clock`` is wall time (shared between machines)."""
 
     def __init__(self, redis: aioredis.Redis, *, idle_s: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, client_bytes: int = 0,
+                 total_bytes: int = 0) -> None:
         self._redis = redis
         self._idle_ms = max(1, int(idle_s * 1000))
+        self._keep_ms = 2 * self._idle_ms + 60_000
+        """The keys' lifetime, a backstop for when no gateway sweeps: longer than the idle
+        time, so the sweep (which gives the bytes back to the caps) always comes first."""
+        self.client_bytes = client_bytes
+        """Bytes of unfinished uploads one client may keep in Redis (0: no cap)."""
+        self.total_bytes = total_bytes
+        """Bytes of unfinished uploads all clients together may keep (0: no cap)."""
         self._clock = clock
         self._tracked: dict[str, RedisUpload] = {}
         """Partial uploads this process writes, to notice when another gateway expires one."""
@@ -168,9 +207,10 @@ class RedisUploadStore:
         self._claim = redis.register_script(_CLAIM)
         self._discard = redis.register_script(_DISCARD)
         self._expire = redis.register_script(_EXPIRE)
+        self._finished = redis.register_script(_FINISHED)
 
     def _keys(self, token: str) -> list[str]:
-        return [keys.upload(token), keys.upload_data(token), keys.IDLE_UPLOADS]
+        return [keys.upload(token), keys.upload_data(token), keys.IDLE_UPLOADS, keys.HELD_BYTES]
 
     @unavailable_is_busy
     async def create(self, meta: UploadMeta, owner: str) -> RedisUpload:
@@ -179,8 +219,9 @@ class RedisUploadStore:
         record = keys.upload(token)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(record, mapping={"meta": _encode_meta(meta), "owner": owner,
-                                       "received": 0, "complete": 0, "last_write": now})
-            pipe.pexpire(record, self._idle_ms)
+                                       "received": 0, "complete": 0, "last_write": now,
+                                       "client": meta.client or meta.principal or ""})
+            pipe.pexpire(record, self._keep_ms)
             pipe.zadd(keys.IDLE_UPLOADS, {token: now})
             await pipe.execute()
         upload = RedisUpload(token, meta, 0, hasher=hashlib.sha256())
@@ -198,7 +239,7 @@ class RedisUploadStore:
         if check is not None:
             check(upload)
         if not await self._claim(keys=self._keys(token),
-                                 args=[owner, self._clock(), self._idle_ms, token]):
+                                 args=[owner, self._clock(), self._keep_ms, token]):
             raise unknown_upload(None, "the resume token names no live upload")
         if not upload.complete:
             self._tracked[token] = upload
@@ -216,8 +257,8 @@ class RedisUploadStore:
                 return Replayed(received=upload.received, total=size)
             status, received = await self._write(
                 keys=self._keys(upload.token),
-                args=[owner, upload.received, bytes(chunk.data), self._clock(), self._idle_ms,
-                      upload.token],
+                args=[owner, upload.received, bytes(chunk.data), self._clock(), self._keep_ms,
+                      upload.token, self.client_bytes, self.total_bytes],
             )
             if status == 1:
                 if upload.hasher is not None and upload.hashed == upload.received:
@@ -230,6 +271,13 @@ class RedisUploadStore:
                 why = ("the upload expired or was discarded" if status == -1
                        else "this upload was taken over by another connection")
                 raise unknown_upload(chunk.id, why)
+            if status == -4:
+                raise ProtocolError(
+                    ErrorCode.BUSY,
+                    "the shared store holds all the unfinished upload bytes this client (or "
+                    "every client) may keep; retry when an upload ends",
+                    retry_after_ms=RETRY_AFTER_MS, upload_id=chunk.id,
+                )
             upload.received = int(received)  # another writer moved it: judge the chunk again
 
     @unavailable_is_busy
@@ -250,6 +298,7 @@ class RedisUploadStore:
         else:
             digest = await self._hash_stored(data, upload.meta.size)
         self._tracked.pop(token, None)
+        await self._finished(keys=[record, keys.HELD_BYTES])  # the caps count partial bytes
         if upload.meta.sha256 is not None and digest != upload.meta.sha256.lower():
             await self._redis.delete(record, data)
             await self._redis.zrem(keys.IDLE_UPLOADS, token)
@@ -305,7 +354,7 @@ class RedisUploadStore:
     async def expire_idle(self, idle_s: float) -> list[RedisUpload]:
         deadline = self._clock() - idle_s
         gone = {raw.decode() for raw in await self._expire(
-            keys=[keys.IDLE_UPLOADS], args=[deadline, keys.upload("")])}
+            keys=[keys.IDLE_UPLOADS, keys.HELD_BYTES], args=[deadline, keys.upload("")])}
         # Another gateway's sweep may have expired an upload this one writes: notice it too.
         tracked = list(self._tracked)
         if tracked:
@@ -316,6 +365,11 @@ class RedisUploadStore:
             gone.update(token for token, exists in zip(tracked, present, strict=True)
                         if not exists)
         return [upload for token in gone if (upload := self._tracked.pop(token, None))]
+
+    async def held_bytes(self, client: str | None = None) -> int:
+        """Bytes of unfinished uploads in Redis: one client's, or (None) every client's."""
+        value: Any = await self._redis.hget(keys.HELD_BYTES, "*" if client is None else client)
+        return int(value or 0)
 
     async def ping(self) -> bool:
         try:

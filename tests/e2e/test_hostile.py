@@ -31,6 +31,7 @@ from websockets.exceptions import InvalidStatus
 
 from chunking.codec import encode_client_binary
 from chunking.messages import Chunk, Frame
+from server.auth import principal_of
 from server.pipeline.decode import DEFAULT_DECODE_DEADLINE_S
 from server.tasks.builtin.colors import Colors
 from tests.conftest import (
@@ -533,6 +534,53 @@ async def test_a_dns_rebinding_page_reaches_nothing(server, open_client) -> None
             assert (answer.status_code, answer.json()["code"]) == (403, "forbidden_origin")
 
     await alongside(server, open_client, hostile)
+
+
+# Redis mode: bytes parked in the shared store ----------------------------------------------------
+
+REDIS_URL = os.environ.get("PIXELSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+async def test_one_client_parks_no_more_than_its_share_in_redis(server_factory, open_client
+                                                                ) -> None:
+    """Uploads sent all but their last byte, parked in Redis: one client stops at its share
+    (``busy`` on the chunk past it) and another client's upload is served meanwhile."""
+    from server.storage.redis import connect as connect_redis
+
+    redis = connect_redis(REDIS_URL)
+    await redis.flushdb()
+    await redis.aclose()
+    cap = 4 * 1024 * 1024
+    server = server_factory(redis_url=REDIS_URL, redis_upload_bytes=cap,
+                            api_tokens=("attacker-token", "victim-token"))
+    share = cap // 2  # a largest upload (8 MiB here) needs more than a quarter: half
+    size, piece = 1024 * 1024, 256 * 1024
+    async with open_client(server.ws_url + "?token=attacker-token") as attacker:
+        refused = 0
+        for n in range(4):
+            await attacker.upload(f"park{n}", size)
+            await attacker.expect("accepted", id=f"park{n}")
+            for offset in range(0, size - piece, piece):
+                await attacker.chunk(f"park{n}", offset, b"p" * piece)
+            await attacker.chunk(f"park{n}", size - piece, b"p" * (piece - 1))
+            for _ in range(size // piece):
+                answer = await attacker.expect(lambda m, n=n: m.get("id") == f"park{n}")
+                if answer["type"] == "error" and answer["code"] == "busy":
+                    assert answer["retry_after_ms"] > 0
+                    refused += 1
+                elif answer["type"] == "error":  # the chunks after a refused one
+                    assert answer["code"] == "offset_mismatch", answer
+                    assert refused
+        assert refused > 0
+        store = server.state.store
+        principal = principal_of("attacker-token")
+        held = server.call(store.held_bytes(principal))
+        assert share - piece < held <= share
+        async with open_client(server.ws_url + "?token=victim-token") as victim:
+            started = time.monotonic()
+            assert_normal_result(await normal_upload(victim))
+            assert time.monotonic() - started < 10
+    assert server.call(store.held_bytes()) <= cap
 
 
 # Floods -------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ SETTING_CASES: dict[str, tuple[str, Any]] = {
     "bytes_per_minute": ("1000000", 1_000_000),
     "forwarded_allow_ips": ("10.0.0.1", "10.0.0.1"),
     "redis_url": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    "redis_upload_bytes": ("67108864", 64 * 1024 * 1024),
     "result_ttl_s": ("60", 60.0),
     "claim_idle_ms": ("5000", 5000),
     "job_timeout_s": ("30", 30.0),
