@@ -6,7 +6,8 @@ run takes ``--per-class`` of each class (seeded), then runs ``pixelstream finetu
 bundled MobileNetV2 once per mode, in this one process, with ``--threads`` torch threads::
 
     python -m bench.finetune [--per-class 200] [--threads 1] [--modes head,full]
-                             [--head-epochs 30] [--full-epochs 2] [--json OUT.json]
+                             [--head-epochs 30] [--full-epochs 2] [--batchnorm]
+                             [--json OUT.json]
 
 Held-out accuracy is on the validation split (``--val-split``, 0.2 of each class), which no
 mode trains on. Printed: a Markdown table per mode (preprocessing, features, seconds per
@@ -41,6 +42,61 @@ def subset(root: Path, target: Path, per_class: int, seed: int) -> dict[str, int
     return counts
 
 
+def batchnorm_ablation(data: Path, scratch: Path, *, seed: int, val_split: float,
+                       epochs: int) -> dict[str, float]:
+    """Held-out accuracy of a head trained on features from the frozen backbone with its
+    BatchNorm in eval mode (what ``--mode head`` does) and in training mode (batch
+    statistics), both scored as served: eval-mode features of the held-out images."""
+    import copy
+
+    import torch
+
+    from server.finetune import data as datamod
+    from server.finetune import model as modelmod
+    from server.pipeline.model_store import prepare_default_model
+
+    dataset = datamod.scan(data)
+    net, processor = modelmod.load_base(str(prepare_default_model()), dataset.labels, seed)
+    prepared = datamod.preprocess(dataset, modelmod.transform_for(processor),
+                                  scratch / "ablation.npy", progress=False,
+                                  warn=lambda line: None)
+    train, val = datamod.split(prepared.labels, val_split, seed)
+    served = modelmod.head_inputs(net, prepared.pixels, val, batch_size=32, device="cpu",
+                                  progress=False, desc="features")
+    eval_mode = modelmod.head_inputs(net, prepared.pixels, train, batch_size=32, device="cpu",
+                                     progress=False, desc="features")
+    captured: list[Any] = []
+    training = copy.deepcopy(net).train()  # a copy: its running statistics change
+    hook = training.classifier.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].detach().float()))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    with torch.no_grad():
+        for part in modelmod.batches(len(order), 32):
+            rows = [train[i] for i in order[part]]
+            training(pixel_values=torch.from_numpy(prepared.pixels[rows].astype("float32")))
+    hook.remove()
+    train_mode = torch.empty_like(eval_mode)
+    train_mode[torch.tensor(order)] = torch.cat(captured)
+    labels = torch.from_numpy(prepared.labels[train])
+    truth = prepared.labels[val]
+    accuracy = {}
+    for name, features in (("eval", eval_mode), ("train", train_mode)):
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(features.shape[1], len(dataset.labels))
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
+        for _ in range(epochs):
+            for part in modelmod.batches(len(labels), 32):
+                optimizer.zero_grad()
+                loss: Any = torch.nn.functional.cross_entropy(head(features[part]),
+                                                              labels[part])
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            picked = head(served).argmax(dim=-1).numpy()
+        accuracy[name] = float((picked == truth).mean())
+    return accuracy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +110,9 @@ def main() -> None:
     parser.add_argument("--val-split", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--batchnorm", action="store_true",
+                        help="also: a head trained on features with BatchNorm in eval vs "
+                             "training mode (frozen backbone), scored as served")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,6 +150,10 @@ def main() -> None:
                 "per_epoch_s": training["per_epoch_s"], "train_s": training["train_s"],
                 "total_s": round(total, 1), "accuracy": outcome.metrics["accuracy"],
             })
+        ablation = (batchnorm_ablation(data, Path(scratch), seed=args.seed,
+                                       val_split=args.val_split,
+                                       epochs=args.head_epochs or 30)
+                    if args.batchnorm else None)
     print("| mode | epochs | batch | train / held-out images | preprocess s | features s "
           "| s per epoch | ms per image-epoch | total s | held-out accuracy |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -106,6 +169,9 @@ def main() -> None:
         print(f"\nfull / head: {full['per_epoch_s'] / head['per_epoch_s']:.0f}x the time per "
               f"epoch, {full['total_s'] / head['total_s']:.2f}x the total time, accuracy "
               f"{full['accuracy']:.3f} vs {head['accuracy']:.3f}")
+    if ablation is not None:
+        print(f"\nfrozen backbone, BatchNorm in eval mode: held-out accuracy "
+              f"{ablation['eval']:.3f}; in training mode: {ablation['train']:.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 

@@ -94,6 +94,12 @@ def worker_devices(registry: Registry) -> dict[str, str]:
             if entry.serving.device is not None}
 
 
+def worker_placement(registry: Registry) -> dict[str, int]:
+    """Tasks a tasks file places on fewer than every worker: how many load each."""
+    return {entry.task.name: entry.serving.workers for entry in registry.entries
+            if entry.serving.workers is not None}
+
+
 Backends = tuple[UploadStore, ResultCache, JobQueue, RateLimiter]
 
 
@@ -107,7 +113,7 @@ def _embedded_backends(settings: Settings, registry: Registry, metrics: Metrics,
     pool = WorkerPool(
         WorkerConfig(tasks=tuple(e.task for e in registry.entries),
                      torch_threads=torch_threads(settings), device=settings.device,
-                     devices=worker_devices(registry)),
+                     devices=worker_devices(registry), placement=worker_placement(registry)),
         workers=settings.workers,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,

@@ -63,6 +63,7 @@ class VersionedClassification(Task):
         except VersionError as exc:
             raise ModelFolderError(str(exc)) from None
         """The revision new jobs get (the gateway's; workers follow the jobs' options)."""
+        self._info: ModelInfo | None = None
         self._tasks: dict[str, ImageClassification] = {}
         self._loaded: set[str] = set()
         self.device = "cpu"
@@ -85,8 +86,14 @@ class VersionedClassification(Task):
 
     @property
     def model(self) -> ModelInfo:
-        return ModelInfo(id=local_model_id(self.versions.folder / self.active),
-                         revision=self.active)
+        """The active revision's id and revision (read once per revision: every request's
+        cache key asks)."""
+        info = self._info
+        if info is None or info.revision != self.active:
+            info = ModelInfo(id=local_model_id(self.versions.folder / self.active),
+                             revision=self.active)
+            self._info = info
+        return info
 
     def options_model(self) -> type[TaskOptions]:
         return versioned_options(self._classifier(self.active).label_count())

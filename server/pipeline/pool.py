@@ -6,9 +6,12 @@
 shared with ``pixelstream worker``) says which queued jobs it runs next, or how long to wait
 for a batch to fill.
 
-Workers are spawned processes (never forked: the gateway has threads and an event loop). A
-reader thread per worker turns its pipe into calls on the event loop. A worker that dies is
-replaced; each job it held is run once more, then failed with ``internal``. A worker that
+Workers are spawned processes (never forked: the gateway has threads and an event loop),
+started and replaced by the :class:`~server.runtime.supervisor.Supervisor` shared with
+``pixelstream worker``; each loads only the tasks placed on its slot (a tasks file's
+``workers``), and a batch goes only to a worker that serves its task. A reader thread per
+worker turns its pipe into calls on the event loop. A worker that dies is replaced; each job
+it held is run once more, then failed with ``internal``. A worker that
 hangs is made one that died: with ``job_timeout_s``, a batch still unfinished after that long
 per job is ended by killing its worker.
 """
@@ -19,7 +22,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import threading
 import time
 from collections import deque
@@ -52,6 +54,7 @@ from server.pipeline.jobs import (
 )
 from server.pipeline.worker import WorkerConfig, worker_main
 from server.runtime.batching import ArrivalGaps, BatchLimits, Limits, Waiting, next_batch
+from server.runtime.supervisor import Supervisor
 from server.storage.base import ImageRef
 
 log = logging.getLogger("pixelstream.pool")
@@ -72,6 +75,7 @@ class _Pending:
 class _Worker:
     process: BaseProcess
     conn: Connection
+    slot: int
     ready: bool = False
     in_flight: dict[str, _Pending] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)
@@ -109,7 +113,8 @@ class WorkerPool:
         """Batch sizes and waits: the server's, and a tasks file's per task."""
         self.max_queue = max_queue
         self._metrics = metrics or Metrics()
-        self._context = multiprocessing.get_context("spawn")
+        self._supervisor = Supervisor(worker_main, workers, name="pixelstream-worker",
+                                      args_for=lambda slot: (config.for_slot(slot),))
         self._pending: deque[_Pending] = deque()
         self._workers: list[_Worker] = []
         self._job_ids = itertools.count(1)
@@ -127,8 +132,8 @@ class WorkerPool:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        for _ in range(self._size):
-            self._spawn()
+        for slot in range(self._size):
+            self._spawn(slot)
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="batcher")
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -138,6 +143,7 @@ class WorkerPool:
         gets an outcome.
         """
         self._stopping = True
+        self._supervisor.begin_stop()  # from now on no worker is replaced
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -180,6 +186,11 @@ class WorkerPool:
     @property
     def depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def worker_tasks(self) -> list[list[str]]:
+        """Per ready worker, the tasks it loaded."""
+        return [sorted(w.models) for w in self._workers if w.ready]
 
     @property
     def worker_pids(self) -> list[int]:
@@ -254,7 +265,8 @@ class WorkerPool:
         with :meth:`bytes_arrived`. False when every worker already decodes its share."""
         if job_id in self._ahead:
             return True
-        candidates = [w for w in self._workers if w.ready and len(w.ahead) < MAX_DECODES_AHEAD]
+        candidates = [w for w in self._workers
+                      if w.ready and task in w.models and len(w.ahead) < MAX_DECODES_AHEAD]
         if not candidates:
             return False
         worker = min(candidates, key=lambda w: (len(w.ahead), len(w.in_flight)))
@@ -295,14 +307,16 @@ class WorkerPool:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            self._fail_unserved()
             while self._pending:
-                # The worker decoding the oldest job's image ahead takes it, when idle.
-                holder = self._ahead.get(self._pending[0].ticket.job.job_id)
-                worker = holder if holder is not None and holder.idle else next(
-                    (w for w in self._workers if w.idle), None)
-                if worker is None:
+                idle = [w for w in self._workers if w.idle]
+                served = {task for w in idle for task in w.models}
+                # Only jobs an idle worker can run; the rest wait for a worker of theirs.
+                runnable = [(i, p) for i, p in enumerate(self._pending)
+                            if p.ticket.job.task in served]
+                if not runnable:
                     break
-                waiting = [Waiting(p.ticket.job.task, p.enqueued) for p in self._pending]
+                waiting = [Waiting(p.ticket.job.task, p.enqueued) for _, p in runnable]
                 batch = next_batch(waiting, time.monotonic(), self.limits,
                                    self._arrivals.average_s)
                 if not batch.take:
@@ -311,7 +325,27 @@ class WorkerPool:
                             await self._wakeup.wait()
                     self._wakeup.clear()
                     continue
-                self._send_batch(worker, batch.take)
+                take = tuple(runnable[i][0] for i in batch.take)
+                oldest = self._pending[take[0]].ticket.job
+                # The worker decoding the oldest job's image ahead takes it, when idle.
+                holder = self._ahead.get(oldest.job_id)
+                worker = holder if holder in idle else next(
+                    w for w in idle if oldest.task in w.models)
+                self._send_batch(worker, take)
+
+    def _fail_unserved(self) -> None:
+        """Once every worker is up, jobs of a task none of them loaded fail at once."""
+        if self.workers_ready < self._size:
+            return
+        known = {task for w in self._workers for task in w.models}
+        unserved = [p for p in self._pending if p.ticket.job.task not in known]
+        for pending in unserved:
+            self._pending.remove(pending)
+            job = pending.ticket.job
+            pending.ticket.put(JobFailed(job.job_id, ErrorCode.UNKNOWN_TASK,
+                                         f"no worker model for {job.task!r}"))
+        if unserved:
+            self._positions_changed()
 
     def _send_batch(self, worker: _Worker, take: tuple[int, ...]) -> None:
         chosen = set(take)
@@ -426,7 +460,7 @@ class WorkerPool:
                 self._pending.appendleft(pending)
         self._positions_changed()
         self._wakeup.set()  # another worker may be idle: it need not wait for the replacement
-        self._spawn()
+        self._spawn(worker.slot)
 
     @staticmethod
     def _fail_all(pendings: Any, message: str) -> None:
@@ -436,15 +470,14 @@ class WorkerPool:
     def _notify_ready(self) -> None:
         self._ready_changed.set()
 
-    def _spawn(self) -> None:
-        parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=worker_main, args=(child_end, self._config), name="pixelstream-worker",
-            daemon=True,
-        )
-        process.start()
+    def _spawn(self, slot: int) -> None:
+        parent_end, child_end = self._supervisor.context.Pipe(duplex=True)
+        process = self._supervisor.spawn(slot, child_end)
         child_end.close()
-        worker = _Worker(process, parent_end)
+        if process is None:  # stopping
+            parent_end.close()
+            return
+        worker = _Worker(process, parent_end, slot)
         self._workers.append(worker)
         worker.reader = threading.Thread(
             target=self._read_worker, args=(worker,), name="worker-reader", daemon=True

@@ -49,6 +49,7 @@ from server.pipeline.redis_queue import decode_job, encode_event
 from server.pipeline.worker import WorkerConfig, load_tasks, run_batch
 from server.runtime.batching import ArrivalGaps, BatchLimits, Limits, Waiting, next_batch
 from server.runtime.pixels import PixelCache, attach_possible
+from server.runtime.supervisor import Supervisor, ignore_stop_signals, on_stop_request
 from server.storage import keys
 from server.storage.base import ImageRef
 from server.tasks.contract import Task
@@ -275,7 +276,9 @@ def ensure_group_sync(redis: redis_sync.Redis) -> None:
 
 
 def stream_worker_main(config: StreamWorkerConfig) -> None:
-    """Process entry point (``pixelstream worker`` spawns one per ``--workers``)."""
+    """Process entry point (``pixelstream worker`` runs one per ``--workers``): runs until
+    its :class:`~server.runtime.supervisor.Supervisor` asks it to stop."""
+    ignore_stop_signals()
     configure_from_environment("stream-worker")  # --log-format, via the environment
     tune_worker_malloc()  # before the models load: see server.tuning
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -286,39 +289,35 @@ def stream_worker_main(config: StreamWorkerConfig) -> None:
     analyzers = load_tasks(WorkerConfig(config.tasks, device=config.device,
                                         devices=config.devices))
     worker = StreamWorker(config, analyzers)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    on_stop_request(worker.stop)
     with_suppressed(lambda: ensure_group_sync(worker.redis))
     log.info("worker %s ready: %s", worker.name, ", ".join(analyzers))
     worker.run()
 
 
-def spawn_worker(config: StreamWorkerConfig) -> multiprocessing.process.BaseProcess:
-    process = multiprocessing.get_context("spawn").Process(
-        target=stream_worker_main, args=(config,), name="pixelstream-stream-worker", daemon=True)
-    process.start()
-    return process
+def stream_supervisor(config: StreamWorkerConfig, count: int) -> Supervisor:
+    return Supervisor(stream_worker_main, count, name="pixelstream-stream-worker",
+                      args_for=lambda slot: (config,))
 
 
-def supervise(config: StreamWorkerConfig, count: int) -> int:
-    """Run ``count`` worker processes, replacing any that die, until SIGTERM or SIGINT."""
-    stopping = threading.Event()
+def spawn_worker(config: StreamWorkerConfig) -> Supervisor:
+    """One stream worker, started, under a supervisor of its own that replaces nothing
+    unless asked to :meth:`~Supervisor.watch` (tests stop it with ``stop``)."""
+    supervisor = stream_supervisor(config, 1)
+    supervisor.start()
+    return supervisor
+
+
+def supervise(config: StreamWorkerConfig, count: int, *, grace_s: float = 30.0) -> int:
+    """``pixelstream worker``: run ``count`` worker processes, replacing any that die, until
+    SIGTERM or SIGINT; then let each finish its batch (at most ``grace_s``)."""
+    supervisor = stream_supervisor(config, count)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    processes = [spawn_worker(config) for _ in range(count)]
-    while not stopping.is_set():
-        sentinels = [p.sentinel for p in processes]
-        multiprocessing.connection.wait(sentinels, timeout=1.0)
-        for index, process in enumerate(processes):
-            if not process.is_alive() and not stopping.is_set():
-                log.error("worker %s exited (%s); starting another", process.pid, process.exitcode)
-                processes[index] = spawn_worker(config)
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(30)
-        if process.is_alive():
-            process.kill()
+        signal.signal(signum, lambda *_: supervisor.begin_stop())
+    supervisor.start()
+    while not supervisor.stopping:
+        supervisor.watch(1.0)
+    supervisor.stop(grace_s)
     return 0
 
 
@@ -328,32 +327,26 @@ class LocalStreamWorkers:
     def __init__(self, config: StreamWorkerConfig, count: int) -> None:
         self.config = config
         self.count = count
-        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.supervisor = stream_supervisor(config, count)
         self._watcher: asyncio.Task[None] | None = None
 
+    @property
+    def processes(self) -> list[multiprocessing.process.BaseProcess]:
+        return [p for p in self.supervisor.processes if p is not None]
+
     async def start(self) -> None:
-        self.processes = [spawn_worker(self.config) for _ in range(self.count)]
-        if self.processes:
+        self.supervisor.start()
+        if self.count:
             self._watcher = asyncio.create_task(self._watch(), name="stream-workers")
 
     async def _watch(self) -> None:
-        while True:
-            sentinels = [p.sentinel for p in self.processes]
-            await asyncio.to_thread(multiprocessing.connection.wait, sentinels, 1.0)
-            for index, process in enumerate(self.processes):
-                if not process.is_alive():
-                    log.error("worker %s exited (%s); starting another", process.pid,
-                              process.exitcode)
-                    self.processes[index] = spawn_worker(self.config)
+        while not self.supervisor.stopping:
+            await asyncio.to_thread(self.supervisor.watch, 1.0)
 
     async def stop(self) -> None:
+        self.supervisor.begin_stop()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            await asyncio.to_thread(process.join, 30)
-            if process.is_alive():
-                process.kill()
+        await asyncio.to_thread(self.supervisor.stop, 30.0)

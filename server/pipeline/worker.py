@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -40,6 +39,7 @@ from server.pipeline.jobs import (
 from server.pipeline.pixel_source import open_pixels
 from server.runtime import tiling
 from server.runtime.pixels import PixelCache
+from server.runtime.supervisor import ignore_stop_signals
 from server.tasks.contract import Task, View, parse_options
 from server.tasks.registry import resolve_device
 from server.tuning import tune_worker_malloc
@@ -54,6 +54,15 @@ class WorkerConfig:
     device: str = "auto"
     devices: dict[str, str] | None = None
     """Per task name, a device other than ``device``."""
+    placement: dict[str, int] | None = None
+    """Per task name, how many workers load it (a tasks file's ``workers``; others: all)."""
+
+    def for_slot(self, slot: int) -> WorkerConfig:
+        """The configuration of the worker in ``slot`` (0, 1, ...): the tasks it serves, the
+        first ``workers`` slots serving a task that sets it."""
+        placement = self.placement or {}
+        tasks = tuple(t for t in self.tasks if slot < placement.get(t.name, slot + 1))
+        return replace(self, tasks=tasks)
 
 
 def load_tasks(config: WorkerConfig) -> dict[str, Task]:
@@ -77,9 +86,11 @@ def displayed_size(decoded: DecodedImage) -> tuple[int, int]:
 
 
 def worker_main(conn: Connection, config: WorkerConfig) -> None:
-    """Process entry point: load the models, announce readiness, then serve batches."""
-    # Ctrl-C goes to the whole process group; the gateway decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Process entry point: load the models, announce readiness, then serve batches until
+    the pool sends ``Shutdown`` (or its pipe closes)."""
+    # Ctrl-C and a service manager's SIGTERM go to the whole process group; the gateway
+    # decides when workers stop, after their current batch.
+    ignore_stop_signals()
     configure_from_environment("worker")  # the gateway's --log-format (text or JSON lines)
     tune_worker_malloc()  # before the models load: see server.tuning
     # Read by torch (and numpy's BLAS) when first imported, which happens in load().

@@ -362,8 +362,7 @@ async def test_a_restarted_gateway_takes_its_clients_back(redis_process, gate) -
             restarted.stop()
         with contextlib.suppress(Exception):
             gateway.stop()
-        worker.terminate()
-        worker.join(WAIT_S)
+        worker.stop(WAIT_S)
     assert queued_result["type"] == "result", queued_result
     assert queued_result["image"]["width"] == 200
     assert partial_result["type"] == "result", partial_result

@@ -137,9 +137,7 @@ class Cluster:
         for gateway in self.gateways:
             gateway.stop()
         for worker in self.workers:
-            worker.terminate()
-        for worker in self.workers:
-            worker.join(WAIT_S)
+            worker.stop(WAIT_S)
 
 
 def is_outcome(upload_id: str) -> Callable[[dict[str, Any]], bool]:
@@ -308,7 +306,7 @@ async def test_redis_going_away_gives_clear_errors_and_service_returns_by_itself
         await client.send_upload("up", unique_image())
         outcome = await client.outcome("up")
     assert outcome["type"] == "result", outcome
-    assert made.workers[0].is_alive()
+    assert made.workers[0].processes[0].is_alive()
 
 
 def test_the_documented_recipe_runs_with_the_real_commands(private_redis, tmp_path: Path
@@ -350,6 +348,33 @@ def test_the_documented_recipe_runs_with_the_real_commands(private_redis, tmp_pa
             process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait(60)
+
+
+def test_pixelstream_worker_sigtermed_as_a_group_stops_cleanly_without_respawning(
+        private_redis, tmp_path: Path) -> None:
+    """systemd's default: SIGTERM to every process of the group. The supervisor stops its
+    workers after their batch; the workers ignore the signal; nothing is started again."""
+    private_redis.client().flushall()
+    pixelstream = str(Path(sys.executable).with_name("pixelstream"))
+    env = {**os.environ, "PIXELSTREAM_REDIS_URL": private_redis.url, "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "worker.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([pixelstream, "worker", "--workers", "2"], env=env,
+                                   stderr=stderr, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while private_redis.client().hlen(keys.WORKERS) < 2:  # bounded polling: subprocesses
+            assert time.monotonic() < deadline, "the workers did not come up"
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "starting another" not in text
+    assert private_redis.client().hlen(keys.WORKERS) == 0  # each worker signed off itself
 
 
 async def test_a_tus_upload_goes_on_through_the_other_gateway_one_writer_at_a_time(

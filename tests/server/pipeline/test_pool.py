@@ -112,9 +112,11 @@ async def make_pool(gate_path: str) -> AsyncIterator[PoolFactory]:
 
     async def factory(*, tasks: tuple[Any, ...] | None = None, workers: int = 1,
                       max_batch_size: int = 4, max_wait_ms: float = 0.0, max_queue: int = 64,
-                      metrics: Metrics | None = None, ready: bool = True) -> WorkerPool:
+                      metrics: Metrics | None = None, ready: bool = True,
+                      placement: dict[str, int] | None = None) -> WorkerPool:
         tasks = tasks if tasks is not None else (Colors(), GateTask(gate_path))
-        pool = WorkerPool(WorkerConfig(tasks), workers=workers, max_batch_size=max_batch_size,
+        pool = WorkerPool(WorkerConfig(tasks, placement=placement), workers=workers,
+                          max_batch_size=max_batch_size,
                           max_wait_ms=max_wait_ms, max_queue=max_queue, metrics=metrics)
         pools.append(pool)
         await pool.start()
@@ -366,7 +368,61 @@ async def test_a_job_whose_worker_dies_twice_fails_internal(make_pool: PoolFacto
     assert pool.startup_error is None
 
 
+async def test_a_task_placed_on_one_worker_runs_only_there_while_others_run_the_rest(
+        make_pool: PoolFactory, gate_path: str) -> None:
+    pool = await make_pool(workers=2, placement={"gate": 1})
+    assert sorted(pool.worker_tasks) == [["colors"], ["colors", "gate"]]
+    with gate_closed(gate_path):
+        held = await hold(pool)  # on the one worker that loaded gate
+        second_gate = submit(pool, "gate", options={})
+        assert await second_gate.next() == Queued(1)
+        colors = submit(pool)
+        assert isinstance(await colors.outcome(), JobDone)  # the other worker ran it meanwhile
+        assert pool.depth == 1  # the gate job waits for its own worker, idle one or not
+    assert isinstance(await held.outcome(), JobDone)
+    assert isinstance(await second_gate.outcome(), JobDone)
+
+
 # Shutdown and startup failures -----------------------------------------------------------------
+
+
+async def test_a_worker_sent_sigterm_finishes_its_batch_and_stays(make_pool: PoolFactory,
+                                                                  gate_path: str) -> None:
+    metrics = Metrics()
+    pool = await make_pool(metrics=metrics)
+    with gate_closed(gate_path):
+        held = await hold(pool)
+        (pid,) = pool.worker_pids
+        os.kill(pid, signal.SIGTERM)  # as a service manager signals the whole process group
+        behind = submit(pool)
+        assert await behind.next() == Queued(1)
+    assert isinstance(await held.outcome(), JobDone)
+    assert held.kinds().count("Dispatched") == 1  # not killed mid-job and run again
+    assert isinstance(await behind.outcome(), JobDone)
+    assert pool.worker_pids == [pid]
+    assert metrics.registry.get_sample_value(
+        "pixelstream_worker_restarts_total", {"reason": "died"}) is None
+
+
+async def test_no_worker_is_replaced_once_stopping_began(make_pool: PoolFactory,
+                                                         gate_path: str) -> None:
+    metrics = Metrics()
+    pool = await make_pool(metrics=metrics)
+    with gate_closed(gate_path):
+        held = await hold(pool)
+        (pid,) = pool.worker_pids
+        stopping = asyncio.create_task(pool.stop(grace_s=WAIT_S))
+        await asyncio.sleep(0)  # one turn of the loop: stop() has begun, up to its first wait
+        os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(WAIT_S):
+            await stopping
+    failed = await held.outcome()
+    assert isinstance(failed, JobFailed)
+    assert failed.code is ErrorCode.BUSY
+    assert pool.worker_pids == []
+    assert metrics.registry.get_sample_value(
+        "pixelstream_worker_restarts_total", {"reason": "died"}) is None
+
 
 
 async def test_stop_fails_queued_jobs_and_kills_stuck_workers(make_pool: PoolFactory,
