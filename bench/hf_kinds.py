@@ -158,6 +158,7 @@ def measure(kind: str, folder: Path, images: Sequence[Any], batch: int,
     started = time.perf_counter()
     task.setup("cpu")
     load_s = time.perf_counter() - started
+    task.wait_optimized()  # time the forward pass it settles on
     options = parse_options(task, validate_options(task, OPTIONS[kind]))
     views = [View.whole(image, image.size) for image in images]
     items = [task.preprocess(view, options) for view in views]

@@ -379,6 +379,7 @@ _SERVER_PARSERS: Final[dict[str, Any]] = {
         id=o.get("id"),
         stream=o.get("stream"),
         seq=o.get("seq"),
+        revision=o.get("revision"),
     ),
     "cancelled": lambda o: Cancelled(id=o["id"]),
     "dropped": lambda o: Dropped(stream=o["stream"], seq=o["seq"], reason=o.get("reason", "")),

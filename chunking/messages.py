@@ -127,6 +127,8 @@ class Result:
     id: str | None = None
     stream: str | None = None
     seq: int | None = None
+    revision: str | None = None
+    """The revision of the weights that answered, where the model has one (additive)."""
     type: str = field(default="result", init=False)
 
 

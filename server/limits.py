@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -14,6 +15,21 @@ from server.storage.base import RateLimiter
 _SLACK = 1e-6
 """Tokens of float rounding slack, so that a client that waits exactly the announced
 retry-after is not refused again by a rounding error (0.7 + 0.3 < 1.0 in floats)."""
+
+
+def client_key(address: str) -> str:
+    """Whose per-client limits an address spends: an IPv4 address itself, an IPv6 address's
+    /64 (one subscriber's usual allocation: changing the last 64 bits costs nothing, so
+    per-address limits would not bind)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
 
 
 class TokenBucket:
@@ -105,21 +121,23 @@ class ClientLimits:
 
 class MemoryBudget:
     """Bytes this process holds for clients, against one limit shared by every socket and
-    request. Two ways in:
+    request. Two kinds:
 
-    * :meth:`reserve` for what can be refused: an upload reserves its declared size when it is
-      accepted (so every accepted upload can complete: nothing waits for memory it needs to
-      free memory), an HTTP body its declared length. False when it does not fit: ``busy``.
-      An upload's reservation names its ``owner`` (a client), and no owner may hold more than
-      ``share``: one client declaring uploads it never sends cannot take the whole budget.
-      (An HTTP body is held only until its deadline, ``http_body_timeout_s``.)
-    * :meth:`charge` for what is already here: a message just received, a frame kept to run
-      next. It may go over the limit; then :meth:`wait_for_room`, which every socket's reader
-      awaits before reading its next message, holds the readers (backpressure, down to the
-      kernel's TCP window) until :meth:`release` brings the total back under.
+    * **Reservations** (:meth:`reserve` / :meth:`unreserve`) for what can be refused: an
+      upload's bytes as they arrive (never its declared size: an upload that sends nothing
+      holds nothing), an HTTP body's as it arrives. False when it does not fit: ``busy``. A
+      reservation names its ``owner`` (a client) and no owner may hold more than ``share``:
+      one client cannot take the whole budget.
+    * **Charges** (:meth:`charge` / :meth:`release`) for what is already here: a message just
+      received, a frame kept to run next. A charge may go over the limit; then
+      :meth:`wait_for_room`, which every socket's reader awaits before its next read, holds
+      the readers (backpressure, down to the kernel's TCP window) until releases bring the
+      total back under.
 
-    Everything charged is released by work that needs no further reads (a message handled, a
-    frame analysed, an upload analysed or discarded), so the readers always resume.
+    Readers wait only while charges take the total over the limit: reservations alone, however
+    many, never stop a socket from being read (so that a few clients' requests cannot freeze
+    every socket). Everything charged is released by work that needs no further reads (a
+    message handled, a frame analysed), so the readers always resume.
     """
 
     def __init__(self, limit: int, *, share: int | None = None,
@@ -128,7 +146,8 @@ class MemoryBudget:
         self.share = limit if share is None else share
         """The most one owner may hold in reservations."""
         self._owned: dict[str, int] = {}
-        self.held = 0
+        self.reserved = 0
+        self.charged = 0
         self.peak = 0
         self.waiting = 0
         """Readers waiting for room now."""
@@ -137,35 +156,33 @@ class MemoryBudget:
         self._on_change = on_change
 
     @property
-    def over(self) -> bool:
-        return self.held >= self.limit
+    def held(self) -> int:
+        return self.reserved + self.charged
 
-    def reserve(self, amount: int, owner: str | None = None) -> bool:
-        """Charge ``amount`` if it fits under the limit, and under ``share`` with what
-        ``owner`` holds already; False (nothing charged) if not. Give it back with
-        :meth:`release`, naming the same owner."""
+    @property
+    def over(self) -> bool:
+        """Readers must wait: charges take the total to the limit or beyond."""
+        return self.charged > 0 and self.held >= self.limit
+
+    def fits(self, amount: int, owner: str | None = None) -> bool:
+        """Whether :meth:`reserve` of ``amount`` would succeed now (nothing is held)."""
         if self.held + amount > self.limit:
             return False
+        return owner is None or self._owned.get(owner, 0) + amount <= self.share
+
+    def reserve(self, amount: int, owner: str | None = None) -> bool:
+        """Hold ``amount`` if it fits under the limit, and under ``share`` with what ``owner``
+        holds already; False (nothing held) if not. Give it back with :meth:`unreserve`,
+        naming the same owner."""
+        if not self.fits(amount, owner):
+            return False
         if owner is not None:
-            owned = self._owned.get(owner, 0) + amount
-            if owned > self.share:
-                return False
-            self._owned[owner] = owned
-        self.charge(amount)
+            self._owned[owner] = self._owned.get(owner, 0) + amount
+        self.reserved += amount
+        self._changed()
         return True
 
-    def owned(self, owner: str) -> int:
-        """What ``owner`` holds in reservations now."""
-        return self._owned.get(owner, 0)
-
-    def charge(self, amount: int) -> None:
-        self.held += amount
-        self.peak = max(self.peak, self.held)
-        if self.over:
-            self._room.clear()
-        self._changed()
-
-    def release(self, amount: int, owner: str | None = None) -> None:
+    def unreserve(self, amount: int, owner: str | None = None) -> None:
         if amount <= 0:
             return
         if owner is not None:
@@ -174,13 +191,29 @@ class MemoryBudget:
                 self._owned[owner] = owned
             else:
                 self._owned.pop(owner, None)
-        self.held = max(0, self.held - amount)
-        if not self.over:
-            self._room.set()
+        self.reserved = max(0, self.reserved - amount)
+        self._changed()
+
+    def owned(self, owner: str) -> int:
+        """What ``owner`` holds in reservations now."""
+        return self._owned.get(owner, 0)
+
+    def charge(self, amount: int) -> None:
+        self.charged += amount
+        if self.over:
+            self._room.clear()
+        self._changed()
+
+    def release(self, amount: int) -> None:
+        """Give back what :meth:`charge` took."""
+        if amount <= 0:
+            return
+        self.charged = max(0, self.charged - amount)
         self._changed()
 
     async def wait_for_room(self) -> None:
-        """Return at once while under the limit; else once releases bring it under."""
+        """Return at once unless charges hold the total over the limit; else once releases
+        bring it under."""
         if not self.over:
             return
         self.waiting += 1
@@ -193,6 +226,9 @@ class MemoryBudget:
             self._changed()
 
     def _changed(self) -> None:
+        self.peak = max(self.peak, self.held)
+        if not self.over:
+            self._room.set()
         if self._on_change is not None:
             self._on_change(self.held, self.waiting)
 
@@ -201,3 +237,36 @@ def shared_client_share(limit: int, max_image_bytes: int) -> int:
     """The most of a shared byte cap one client may hold: a quarter, or as much as one largest
     upload needs up to half, so that a client alone never holds it all."""
     return max(limit // 4, min(max_image_bytes, limit // 2))
+
+
+class Reservation:
+    """What one request holds of the memory budget: taken as its bytes arrive (:meth:`take`,
+    ``busy`` when the budget or its client's share has no room), all given back on exit.
+    A request that declares a large body and sends nothing holds nothing."""
+
+    def __init__(self, budget: MemoryBudget, owner: str,
+                 retry_after_ms: Callable[[], int]) -> None:
+        self.budget = budget
+        self.owner = owner
+        self.held = 0
+        self._retry_after_ms = retry_after_ms
+
+    def take(self, amount: int) -> None:
+        if amount <= 0:
+            return
+        if not self.budget.reserve(amount, self.owner):
+            over_share = self.budget.owned(self.owner) + amount > self.budget.share
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                "this client's requests hold all the memory one client may; retry when one "
+                "ends" if over_share else "the server holds all the request bytes it may",
+                retry_after_ms=self._retry_after_ms(),
+            )
+        self.held += amount
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.budget.unreserve(self.held, self.owner)
+        self.held = 0

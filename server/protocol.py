@@ -47,6 +47,7 @@ from chunking.messages import (
     Welcome,
 )
 from chunking.reassembler import Appended, UploadState
+from server.bounded_json import check_fields
 from server.limits import TokenBucket
 from server.storage.base import ImageRef, UploadHandle
 from server.tasks.contract import Task
@@ -106,7 +107,8 @@ class ServerConnection:
                           default_task=service.default_task))
 
     async def receive_text(self, text: str) -> None:
-        await self._receive(lambda: parse_client_text(text, self.app.limits), len(text))
+        await self._receive(
+            lambda: parse_client_text(check_fields(text, "data"), self.app.limits), len(text))
 
     async def receive_binary(self, data: bytes) -> None:
         await self._receive(lambda: parse_client_binary(data, self.app.limits), len(data))

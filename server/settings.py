@@ -90,9 +90,10 @@ class Settings:
     """Per-socket token bucket over inbound message bytes (bursts of a second's worth, at least
     one largest message)."""
     memory_budget_bytes: int = 1024 * 1024 * 1024
-    """Bytes this process may hold for clients: uploads receiving into its spool (reserved at
-    their declared size), frames waiting, messages being handled, HTTP bodies. Over it, new
-    uploads and HTTP requests are answered ``busy`` and sockets are not read."""
+    """Bytes this process may hold for clients: the bytes uploads received into its spool and
+    HTTP bodies (reserved as they arrive; a quarter per client), frames waiting, messages being
+    handled. What does not fit is answered ``busy``; while messages and frames take it over,
+    sockets are not read."""
     socket_idle_timeout_s: float = 300.0
     """A socket that sends no complete message for this long, while the server owes it no
     reply, is closed with code 1001."""

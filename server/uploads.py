@@ -129,8 +129,8 @@ class LiveUpload:
     store_owner: str = ""
     """The name that owns the upload in the store (what ``discard`` must name)."""
     reserved: int = 0
-    """Bytes of the memory budget this upload holds (its size, while this process keeps its
-    bytes); given back when it is forgotten or its image released."""
+    """Bytes of the memory budget this upload holds: those it received, while this process
+    keeps its bytes; given back when it is forgotten or its image released."""
     reserved_by: str | None = None
     """The client the reservation counts against (the one that began the upload)."""
     ahead_job: str | None = None
@@ -171,6 +171,11 @@ class LiveUpload:
         self.notify()
 
 
+UPLOAD_START_TIMEOUT_S = 30.0
+"""An accepted upload that receives no byte in this long is discarded (``upload_expired``),
+however long ``upload_idle_timeout_s`` is."""
+
+
 class UploadService:
     """The registry of live uploads and everything that happens to them (see the module)."""
 
@@ -206,14 +211,10 @@ class UploadService:
             if payload is not None:
                 app.metrics.uploads.labels("cached").inc()
                 return CachedResult(payload=payload, token=new_resume_token())
-        reserved = self._reserve(request.size, caller.client)
-        try:
-            handle = await app.store.create(meta, store_owner)
-        except BaseException:
-            app.budget.release(reserved, caller.client)
-            raise
+        self._admit(request.size, caller.client)
+        handle = await app.store.create(meta, store_owner)
         live = LiveUpload(token=handle.token, meta=meta, accepted_at=self.clock(),
-                          handle=handle, store_owner=store_owner, reserved=reserved,
+                          handle=handle, store_owner=store_owner,
                           reserved_by=caller.client, upload_id=request.upload_id)
         job_id = upload_job_id(live.token)
         if service.begin_decode_ahead(job_id, spec.name, handle.local_path, request.size):
@@ -224,22 +225,37 @@ class UploadService:
         app.metrics.uploads.labels("accepted").inc()
         return live
 
-    def _reserve(self, size: int, client: str) -> int:
-        """Hold ``size`` of the memory budget while this process keeps the bytes (else 0)."""
+    def _admit(self, size: int, client: str) -> None:
+        """A new upload reserves nothing until its bytes arrive (one that never sends holds
+        nothing), but is accepted only while its first chunk would fit."""
         app = self.app
-        if not app.uploads_in_memory:
-            return 0
-        budget = app.budget
-        if not budget.reserve(size, client):
-            over_share = budget.owned(client) + size > budget.share
-            raise ProtocolError(
-                ErrorCode.BUSY,
-                "this client's unfinished uploads hold all the memory one client may; "
-                "retry when one ends" if over_share
-                else "the server holds all the upload bytes it may; retry later",
-                retry_after_ms=app.service.pool.retry_after_ms(),
-            )
-        return size
+        if app.uploads_in_memory:
+            self._busy_unless(app.budget.fits(min(size, app.limits.max_chunk_bytes), client),
+                              client)
+
+    def _busy_unless(self, fits: bool, client: str) -> None:
+        if fits:
+            return
+        budget = self.app.budget
+        over_share = budget.owned(client) + self.app.limits.max_chunk_bytes > budget.share
+        raise ProtocolError(
+            ErrorCode.BUSY,
+            "this client's unfinished uploads hold all the memory one client may; "
+            "retry when one ends" if over_share
+            else "the server holds all the upload bytes it may; retry later",
+            retry_after_ms=self.app.service.pool.retry_after_ms(),
+        )
+
+    def _reserve_arrival(self, live: LiveUpload, offset: int, length: int) -> None:
+        """Reserve bytes about to be appended (in-memory store), beyond what ``live`` holds:
+        ``busy`` when the budget or the client's share has no room for them."""
+        app = self.app
+        if not app.uploads_in_memory or live.reserved_by is None:
+            return
+        needed = min(live.meta.size, offset + length) - live.reserved
+        if needed > 0:
+            self._busy_unless(app.budget.reserve(needed, live.reserved_by), live.reserved_by)
+            live.reserved += needed
 
     async def resume(self, token: str, caller: Caller, store_owner: str,
                      check: Callable[[UploadHandle], None] | None = None
@@ -316,6 +332,7 @@ class UploadService:
             return Replayed(received=size, total=size)
         if offset == live.handle.received and data:
             await app.client_limits.bytes_received(caller.client, len(data))
+            self._reserve_arrival(live, offset, len(data))
         event = await app.store.write(live.handle, store_owner, chunk)
         if isinstance(event, Appended):
             app.metrics.upload_bytes.inc(len(data))
@@ -369,7 +386,7 @@ class UploadService:
 
     def _unreserve(self, live: LiveUpload) -> None:
         """Give the upload's share of the memory budget back (once)."""
-        self.app.budget.release(live.reserved, live.reserved_by)
+        self.app.budget.unreserve(live.reserved, live.reserved_by)
         live.reserved = 0
 
     def forget(self, live: LiveUpload) -> None:
@@ -532,6 +549,24 @@ class UploadService:
                     upload_id=live.upload_id,
                 )))
             self.forget(live)
+        # An upload that received nothing at all goes sooner: declaring costs a client nothing.
+        start_s = min(idle_s, UPLOAD_START_TIMEOUT_S)
+        unstarted = self.clock() - start_s
+        for live in list(self.live.values()):
+            if (live.handle is not None and live.handle.received == 0
+                    and live.accepted_at <= unstarted):
+                expired += 1
+                live.handle = None
+                live.lifecycle.advance(UploadEvent.FAIL)
+                app.metrics.uploads.labels("expired").inc()
+                if live.owner is not None:
+                    app.metrics.errors.labels(ErrorCode.UPLOAD_EXPIRED.value).inc()
+                    live.owner.deliver(error_from_exception(ProtocolError(
+                        ErrorCode.UPLOAD_EXPIRED,
+                        f"no byte in {start_s:g} s: the upload was discarded",
+                        upload_id=live.upload_id,
+                    )))
+                self.forget(live)
         deadline = self.clock() - idle_s
         for live in list(self.live.values()):
             if live.owner is None and live.undelivered is not None and live.detached_at <= deadline:

@@ -43,6 +43,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 WAIT_S = 30.0
 """Upper bound on waiting for any one expected message; tests wait on messages, not time."""
+READY_S = 180.0
+"""Upper bound on a test server's workers loading their models (a bound, not a wait: on a
+busy 2-core machine two workers loading transformers took over 90 s)."""
 
 
 class _Server(uvicorn.Server):
@@ -84,9 +87,9 @@ class RunningServer:
         state: AppState = app.state.pixelstream
         return state
 
-    def call(self, coroutine: Any) -> Any:
+    def call(self, coroutine: Any, timeout: float = WAIT_S) -> Any:
         """Run a coroutine on the server's own loop (to inspect or poke its state)."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(WAIT_S)
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -121,7 +124,7 @@ def start_server(settings: Settings, tasks: Registry | Sequence[Task] | None = N
     if not server.ready.wait(120) or not server.started:
         raise RuntimeError("the test server failed to start")
     if settings.workers:
-        running.call(running.state.service.pool.wait_ready())
+        running.call(running.state.service.pool.wait_ready(), timeout=READY_S)
     return running
 
 

@@ -21,6 +21,7 @@ from chunking.client.errors import (
     ClientClosedError,
     ConnectFailedError,
     ConnectionLostError,
+    ForbiddenHostError,
     ForbiddenOriginError,
     StalledError,
     UnauthorizedError,
@@ -307,4 +308,6 @@ def handshake_error(exc: InvalidStatus) -> BaseException:
         return UnauthorizedError(message)
     if status == 403 or code == ErrorCode.FORBIDDEN_ORIGIN:
         return ForbiddenOriginError(message)
+    if code == ErrorCode.FORBIDDEN_HOST:
+        return ForbiddenHostError(message)
     return ConnectFailedError(message)

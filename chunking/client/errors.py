@@ -26,6 +26,7 @@ __all__ = [
     "ConnectFailedError",
     "ConnectionLostError",
     "DuplicateUploadError",
+    "ForbiddenHostError",
     "ForbiddenOriginError",
     "InternalError",
     "InvalidImageError",
@@ -155,6 +156,13 @@ class ForbiddenOriginError(PixelstreamError):
     error_code = ErrorCode.FORBIDDEN_ORIGIN
 
 
+class ForbiddenHostError(PixelstreamError):
+    """The server does not answer to the name in the URL (its Host allow-list): connect by a
+    name it is configured for, or add this one to its allowed hosts."""
+
+    error_code = ErrorCode.FORBIDDEN_HOST
+
+
 ERRORS: Final[Mapping[ErrorCode, type[PixelstreamError]]] = {
     cls.error_code: cls
     for cls in (
@@ -162,6 +170,7 @@ ERRORS: Final[Mapping[ErrorCode, type[PixelstreamError]]] = {
         TooLargeError, OffsetMismatchError, ChecksumMismatchError, InvalidImageError,
         TooManyPixelsError, TooManyUploadsError, UnknownTaskError, RateLimitedError,
         BusyError, InternalError, UnauthorizedError, UploadExpiredError, ForbiddenOriginError,
+        ForbiddenHostError,
     )
 }
 """The exception class of every error code."""

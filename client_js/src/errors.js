@@ -43,6 +43,7 @@ const SENTENCES = {
   upload_expired: "The upload paused for too long and the server discarded the partial file.",
   unauthorized: "This server needs an access token, and none (or a wrong one) was given.",
   forbidden_origin: "This page is not allowed to use the server.",
+  forbidden_host: "The server does not answer to the address in this page's URL; use a name it is configured for.",
   connection_failed: "Could not reach the server. Check your connection and that the server is running.",
   connection_lost: "The connection to the server was lost.",
   stalled: "The server stopped answering.",

@@ -186,7 +186,7 @@ class ModelVersions:
         source = Path(source).expanduser()
         if not (source / "config.json").is_file():
             raise VersionError(f"{source} is not a model folder (no config.json)")
-        revision = _content_revision(source)
+        revision, hashed = _content_revision(source)
         target = self.folder / revision
         self.folder.mkdir(parents=True, exist_ok=True)
         if not target.exists():
@@ -199,6 +199,7 @@ class ModelVersions:
                         shutil.copytree(item, tmp / item.name, copy_function=shutil.copy2)
                     else:
                         shutil.copy2(item, tmp / item.name)
+                _record_revision(tmp, revision, hashed, self.name)
                 tmp.chmod(0o755)
                 os.rename(tmp, target)
             except BaseException:
@@ -216,21 +217,37 @@ class ModelVersions:
             for v in self.versions()]}
 
 
-def _content_revision(folder: Path) -> str:
-    """A model folder's content hash: the marker's (``pixelstream finetune`` wrote it and the
-    files are unchanged), else computed over its model files."""
+def _content_revision(folder: Path) -> tuple[str, list[str] | None]:
+    """A model folder's content hash, and the files hashed (None: the marker
+    ``pixelstream finetune`` wrote already records it, for unchanged files)."""
     marker = read_marker(folder)
     if marker is not None and isinstance(marker.get("revision"), str):
         recorded = folder_revision(folder)
         if recorded == marker["revision"]:
-            return recorded
+            return recorded, None
     from server.finetune.model import MODEL_FILES, content_revision
 
     names = [name for name in MODEL_FILES if (folder / name).is_file()]
     names += sorted(p.name for p in folder.iterdir()
                     if p.is_file() and p.suffix in (".safetensors", ".bin")
                     and p.name not in names and p.name != MARKER_NAME)
-    return content_revision(folder, names)
+    return content_revision(folder, names), names
+
+
+def _record_revision(folder: Path, revision: str, hashed: list[str] | None, name: str) -> None:
+    """Write the revision into a copied folder's marker (keeping what the marker said), so
+    that the folder reports it when served pinned (``--model MODELS/<name>/<revision>``)."""
+    if hashed is None:
+        return  # its marker records it already
+    marker = read_marker(folder) or {}
+    marker.setdefault("model_id", name)
+    marker["revision"] = revision
+    files = {}
+    for file_name in hashed:
+        stat = (folder / file_name).stat()
+        files[file_name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    marker["files"] = files
+    (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
 def list_models(root: str | Path) -> list[ModelVersions]:

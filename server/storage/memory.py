@@ -193,7 +193,8 @@ class MemoryUploadStore:
             if isinstance(event, Appended) and event.complete:
                 # The last byte is acknowledged only once every byte is hashed too.
                 await upload.hasher.wait()
-            upload.last_write = self._clock()
+            if chunk.data:  # an empty chunk is no activity: it cannot keep an upload alive
+                upload.last_write = self._clock()
             return event
 
     async def finish(self, handle: Any) -> FinishedUpload:

@@ -98,6 +98,7 @@ if n > 0 then
   redis.call('HINCRBY', KEYS[4], client, n)
   redis.call('HINCRBY', KEYS[4], '*', n)
 end
+if n == 0 then return {1, received} end  -- an empty chunk is no activity
 received = received + n
 redis.call('HSET', KEYS[1], 'received', received, 'last_write', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +45,8 @@ MAX_TOP_K = 1000
 DEFAULT_NUM_LABELS = 1000
 DEFAULT_MIN_SHORT_SIDE = 256
 """The bundled classifier resizes the shorter side to 256 before its 224x224 centre crop."""
+
+log = logging.getLogger("pixelstream.tasks")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -125,12 +129,13 @@ class HFTask(Task):
         self.processor: Any = None
         self.processor_path: str | None = None
         self.traced: TracedForward | None = None
+        self._optimizing: threading.Thread | None = None
         self.decode = self._initial_decode()
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers receive the task before setup: never ship loaded weights through a pipe.
         state = dict(self.__dict__)
-        state["net"] = state["processor"] = state["traced"] = None
+        state["net"] = state["processor"] = state["traced"] = state["_optimizing"] = None
         return state
 
     @property
@@ -197,7 +202,32 @@ class HFTask(Task):
         self.processor_path = path
         with quiet_transformers():
             self.loaded()
-        self.traced = self._traced_forward()
+        self.traced = None
+        self._optimizing = self._optimize_in_background()
+
+    def _optimize_in_background(self) -> threading.Thread:
+        """Tracing and checking the optimized forward pass take seconds (over 10 s a worker
+        on a busy 2-core machine): the worker reports ready at once and answers with the eager
+        model meanwhile, then switches by one attribute assignment."""
+        thread = threading.Thread(target=self._optimize, name=f"optimize-{self.name}",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _optimize(self) -> None:
+        try:
+            traced = self._traced_forward()
+        except Exception:  # the eager model keeps answering
+            log.exception("%s: optimizing the forward pass failed; staying eager", self.name)
+            return
+        self.traced = traced
+
+    def wait_optimized(self, timeout: float | None = None) -> TracedForward | None:
+        """Wait for the background optimization that :meth:`setup` started (benchmarks and
+        tests); the optimized forward pass, or None where the model stays eager."""
+        if self._optimizing is not None:
+            self._optimizing.join(timeout)
+        return self.traced
 
     def load_model(self, path: str) -> Any:
         import transformers

@@ -22,8 +22,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chunking.errors import ErrorCode, ProtocolError
+from server import bounded_json
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import error_response
+from server.limits import Reservation, client_key
 from server.logs import current_context, log_context
 from server.state import AppState
 from server.storage.base import ImageRef
@@ -59,7 +61,7 @@ async def _guard(request: Request, app: AppState) -> str | None:
     principal = auth.principal(presented_token(request.headers, request.query_params))
     if auth.required and principal is None:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "a valid API token is required")
-    address = request.client.host if request.client else "unknown"
+    address = client_key(request.client.host if request.client else "unknown")
     wait_ms = app.http_buckets.take(address)
     if wait_ms:
         raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests", retry_after_ms=wait_ms)
@@ -81,16 +83,11 @@ def _declared_length(request: Request, limit: int) -> int:
     return max(0, length)
 
 
-@contextlib.asynccontextmanager
-async def _reserved(app: AppState, amount: int) -> AsyncIterator[None]:
-    """Hold ``amount`` of the memory budget for the request, or answer ``busy``."""
-    if not app.budget.reserve(amount):
-        raise ProtocolError(ErrorCode.BUSY, "the server holds all the request bytes it may",
-                            retry_after_ms=app.service.pool.retry_after_ms())
-    try:
-        yield
-    finally:
-        app.budget.release(amount)
+def _reservation(request: Request, app: AppState, principal: str | None) -> Reservation:
+    """The request's hold on the memory budget, taken as its bytes arrive, counted against
+    its client's share (the principal, else the address)."""
+    client = principal or client_key(request.client.host if request.client else "unknown")
+    return Reservation(app.budget, client, app.service.pool.retry_after_ms)
 
 
 @contextlib.asynccontextmanager
@@ -103,10 +100,13 @@ async def _body_deadline(app: AppState) -> AsyncIterator[None]:
         raise BodyTimeout from None
 
 
-async def _read_body(request: Request, limit: int) -> bytearray:
+async def _read_body(request: Request, limit: int, hold: Reservation) -> bytearray:
+    """The whole body, each part reserved as it arrives: twice, for the body and then the
+    parsed text or decoded image that outlive it."""
     _declared_length(request, limit)
     body = bytearray()
     async for part in request.stream():
+        hold.take(2 * len(part))
         body += part
         if len(body) > limit:  # the header lied
             raise ProtocolError(ErrorCode.TOO_LARGE, f"the request exceeds {limit} bytes")
@@ -199,22 +199,21 @@ async def analyze_json(request: Request) -> Response:
     async def handle(app: AppState) -> Response:
         principal = await _guard(request, app)
         max_chars = -(-app.limits.max_image_bytes // 3) * 4
-        length = _declared_length(request, max_chars + 65536)
-        # The body, then its parsed text, then the decoded image: about twice the body at once.
-        async with _reserved(app, 2 * length):
-            return await _analyze_body(request, app, max_chars, principal)
+        _declared_length(request, max_chars + 65536)
+        with _reservation(request, app, principal) as hold:
+            return await _analyze_body(request, app, max_chars, principal, hold)
 
     return await _answer(request, handle)
 
 
 async def _analyze_body(request: Request, app: AppState, max_chars: int,
-                        principal: str | None) -> Response:
+                        principal: str | None, hold: Reservation) -> Response:
     """The JSON route's work: read the body (against its deadline), parse it, analyse. Each
     large intermediate is dropped as soon as the next exists."""
     async with _body_deadline(app):
-        body = await _read_body(request, max_chars + 65536)
+        body = await _read_body(request, max_chars + 65536, hold)
     try:
-        request_obj = orjson.loads(body)
+        request_obj = await bounded_json.loads(bounded_json.check_fields(body, "image"))
     except orjson.JSONDecodeError:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "the body is not valid JSON") from None
     del body
@@ -230,7 +229,10 @@ async def _analyze_body(request: Request, app: AppState, max_chars: int,
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "'task' must be a string")
     spec, options = app.service.resolve(task, _options(request_obj.get("options")))
     try:
-        data = pybase64.b64decode(encoded, validate=True)
+        if len(encoded) >= bounded_json.OFF_LOOP_BYTES:
+            data = await asyncio.to_thread(pybase64.b64decode, encoded, validate=True)
+        else:
+            data = pybase64.b64decode(encoded, validate=True)
     except (ValueError, TypeError):
         raise ProtocolError(ErrorCode.BAD_BASE64, "'image' is not valid Base64") from None
     del encoded, request_obj
@@ -247,8 +249,10 @@ async def analyze_multipart(request: Request) -> Response:
 
     async def handle(app: AppState) -> Response:
         principal = await _guard(request, app)
-        length = _declared_length(request, app.limits.max_image_bytes + _FORM_OVERHEAD)
-        async with _reserved(app, length):  # the file (Starlette spools it) staged once
+        _declared_length(request, app.limits.max_image_bytes + _FORM_OVERHEAD)
+        # Starlette spools the file (to disk past 1 MiB); staging it for the workers is
+        # what takes memory, reserved then.
+        with _reservation(request, app, principal) as hold:
             try:
                 async with _body_deadline(app):
                     form = await request.form(max_files=1, max_fields=8)
@@ -260,12 +264,13 @@ async def analyze_multipart(request: Request) -> Response:
                 raise ProtocolError(
                     ErrorCode.BAD_MESSAGE, f"not a valid multipart form: {exc}"
                 ) from None
-            return await _analyze_form(app, form, principal)
+            return await _analyze_form(app, form, principal, hold)
 
     return await _answer(request, handle)
 
 
-async def _analyze_form(app: AppState, form: Any, principal: str | None) -> Response:
+async def _analyze_form(app: AppState, form: Any, principal: str | None,
+                        hold: Reservation) -> Response:
     """The multipart route's work once its form is parsed (and closed afterwards)."""
     try:
         for name in ("file", "task", "options"):
@@ -288,6 +293,7 @@ async def _analyze_form(app: AppState, form: Any, principal: str | None) -> Resp
             raise ProtocolError(ErrorCode.INVALID_IMAGE, "the file is empty")
         if size > app.limits.max_image_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
+        hold.take(size)  # the staged copy the workers read
         await upload.seek(0)
         return await _stage_and_analyze(app, upload.file, size, spec, options, principal)
     finally:

@@ -38,7 +38,7 @@ from chunking.messages import Error, Progress, Result, Stage
 from chunking.reassembler import Appended, UploadState
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS, error_response
-from server.limits import KeyedBuckets
+from server.limits import KeyedBuckets, client_key
 from server.state import AppState
 from server.storage.locks import Lease
 from server.uploads import Caller, LiveUpload, UploadRequest
@@ -133,7 +133,7 @@ def _guard(request: Request, app: AppState, *, creating: bool = False) -> Caller
     principal = auth.principal(presented_token(request.headers, request.query_params))
     if auth.required and principal is None:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "a valid API token is required")
-    address = request.client.host if request.client else "unknown"
+    address = client_key(request.client.host if request.client else "unknown")
     wait_ms = _request_buckets(request, app).take(address)
     if creating and not wait_ms:
         wait_ms = app.http_buckets.take(address)
@@ -343,7 +343,7 @@ async def _write_body(request: Request, app: AppState, live: LiveUpload, caller:
             if body:
                 await write(bytes(body))
         finally:
-            app.budget.release(room)
+            app.budget.unreserve(room)
         return
     pending: list[bytes] = []
     held = 0

@@ -28,6 +28,7 @@ from chunking.errors import ErrorCode, ProtocolError
 from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import HTTP_STATUS
 from server.exposure import HANDSHAKE_REFUSED
+from server.limits import client_key
 from server.logs import bind_log_context
 from server.protocol import ServerConnection
 from server.state import AppState
@@ -78,7 +79,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             await _refuse(websocket, ErrorCode.UNAUTHORIZED, "a valid API token is required",
                           "unauthorized")
             return
-    client = principal or (websocket.client.host if websocket.client else "unknown")
+    client = principal or client_key(websocket.client.host if websocket.client else "unknown")
     try:
         admitted = await app.client_limits.connect(client)
     except ProtocolError as exc:  # the shared rate-limit store is unreachable: busy

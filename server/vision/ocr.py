@@ -23,6 +23,8 @@ DISTRIBUTION = "rapidocr"
 MODEL_ID = "rapidocr/PP-OCRv6-small"
 MAX_SIDE = 2048
 """The longest side RapidOCR reads without shrinking (its default is 2000)."""
+MIN_CONTRAST = 16
+"""Grey levels between an image's darkest and lightest pixel below which it holds no text."""
 TILE_SIDE = 1024
 """The largest square in which 13-px text still reads."""
 
@@ -52,6 +54,10 @@ class TextReader:
     def read(self, image: Image.Image) -> list[FoundLine]:
         import numpy as np
 
+        # A blank tile (a scan's margins) holds no text: skip the detector, most of the cost.
+        extrema: Any = image.convert("L").getextrema()  # (low, high) for one band
+        if extrema[1] - extrema[0] < MIN_CONTRAST:
+            return []
         pixels = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
         # RapidOCR takes numpy arrays as OpenCV does (BGR); reverse the channels.
         output = self._engine(np.ascontiguousarray(pixels[:, :, ::-1]))

@@ -28,6 +28,7 @@ from chunking.messages import (
     Error,
     Frame,
     Progress,
+    Result,
     Stage,
     UnknownMessage,
     Upload,
@@ -103,6 +104,18 @@ def test_server_messages_round_trip_and_omit_absent_fields() -> None:
     assert parse_server(wire) == Progress(id="u1", stage=Stage.QUEUED, position=2)
     welcome = Welcome(session="s", limits=LIMITS, tasks=["classify"], default_task="classify")
     assert parse_server(encode_server(welcome)) == welcome
+
+
+def test_a_result_names_the_revision_that_answered_only_when_there_is_one() -> None:
+    answered = Result(task="ocr", result={"text": "", "lines": []}, image={}, cached=False,
+                      model="rapidocr/PP-OCRv6-small", timings_ms={}, id="u1",
+                      revision="3.10.0")
+    assert orjson.loads(encode_server(answered))["revision"] == "3.10.0"
+    assert parse_server(encode_server(answered)) == answered
+    plain = Result(task="colors", result={}, image={}, cached=False, model="m", timings_ms={},
+                   id="u2")
+    assert "revision" not in orjson.loads(encode_server(plain))
+    assert parse_server(encode_server(plain)) == plain
 
 
 def test_unknown_server_types_are_kept_for_the_client_to_ignore() -> None:

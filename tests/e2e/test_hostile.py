@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import random
+import resource
 import struct
 import time
 from collections import Counter
@@ -140,7 +142,10 @@ CASES = [
     Case("json_null", "null", "bad_message"),
     Case("json_bignum", "123456789012345678901234567890", "bad_message"),
     Case("json_nan", '{"type": "upload", "id": "u1", "size": NaN}', "bad_message"),
-    Case("json_deep", "[" * 100_000 + "]" * 100_000, "bad_message"),
+    Case("json_deep", "[" * 30_000 + "]" * 30_000, "bad_message"),
+    Case("json_many_fields", text({"type": "chunk", "id": "u1", "offset": 0, "data": "QUJD",
+                                   "x": [{}] * 40_000}), "too_large", setup=True),
+    Case("json_no_data_field", "[" + "{}," * 40_000 + "{}]", "too_large"),
     Case("empty_object", "{}", "bad_message"),
     Case("type_not_string", text({"type": 7}), "bad_message"),
     Case("unknown_type", text({"type": "exec", "cmd": "rm -rf /"}), "bad_message"),
@@ -534,6 +539,110 @@ async def test_a_dns_rebinding_page_reaches_nothing(server, open_client) -> None
             assert (answer.status_code, answer.json()["code"]) == (403, "forbidden_origin")
 
     await alongside(server, open_client, hostile)
+
+
+# Memory budget: declared but never sent -------------------------------------------------------
+
+
+async def test_body_less_posts_hold_nothing_and_freeze_no_socket(server_factory, open_client
+                                                                 ) -> None:
+    """Three POSTs declaring the largest body and sending none used to reserve it (twice, for
+    JSON) and so fill the budget: every socket's reader then paused. Now a body is reserved as
+    it arrives: they hold nothing, and an upload in progress and a new socket are served."""
+    length = -(-fast_settings().max_image_bytes // 3) * 4 + 65536
+    # Two such JSON requests reserved at their declared length filled this budget to within
+    # one small chunk of the limit.
+    server = server_factory(memory_budget_bytes=4 * length + 100_000)
+    state = server.state
+    async with open_client(server.ws_url) as in_progress:
+        image = unique_image(160, 120)
+        await in_progress.upload("normal", len(image))
+        await in_progress.expect("accepted", id="normal")
+        await in_progress.chunk("normal", 0, image[:1000])
+        await in_progress.expect("progress", id="normal")
+        writers = []
+        for path in ("/api/analyze", "/api/analyze", "/v1/analyze"):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+                         .encode())
+            await writer.drain()
+            writers.append(writer)
+        try:
+            await until(lambda: "127.0.0.1" in state.http_buckets._buckets,
+                        "the requests to be admitted")
+            started = time.monotonic()
+            await in_progress.chunk("normal", 1000, image[1000:])
+            assert_normal_result(await in_progress.outcome("normal"))
+            async with open_client(server.ws_url) as newcomer:
+                assert_normal_result(await normal_upload(newcomer, "newcomer"))
+            assert time.monotonic() - started < 10
+            assert state.budget.held == 0  # the three hanging requests hold nothing
+        finally:
+            for writer in writers:
+                writer.close()
+
+
+async def test_declared_uploads_that_never_send_lock_nothing(server_factory, open_client
+                                                             ) -> None:
+    """Four addresses each declaring as many of the largest uploads as they may and sending
+    nothing (one resuming with an empty chunk, which is no activity): nothing is held, and a
+    fifth address's upload and HTTP request are served."""
+    server = server_factory(memory_budget_bytes=32 * 1024 * 1024)  # share: 8 MiB
+    state = server.state
+    size = server.settings.max_image_bytes
+    per_socket = server.settings.max_uploads
+    async with contextlib.AsyncExitStack() as stack:
+        for n in range(4):
+            attacker = await stack.enter_async_context(
+                open_client(server.ws_url, local_addr=(f"127.0.0.{n + 2}", 0)))
+            for k in range(per_socket):
+                await attacker.upload(f"big{k}", size)
+                accepted = await attacker.expect("accepted", id=f"big{k}")
+            stored = state.store._uploads[accepted["resume"]]
+            idle_since = stored.last_write
+            await attacker.chunk(f"big{per_socket - 1}", 0, b"")  # no byte: no activity
+            await attacker.expect("progress", id=f"big{per_socket - 1}")
+            assert stored.last_write == idle_since
+        assert len(state.uploads.live) == 4 * per_socket
+        assert state.budget.held == 0
+        started = time.monotonic()
+        async with open_client(server.ws_url) as victim:
+            assert_normal_result(await normal_upload(victim, "victim"))
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as http:
+            answer = await http.post("/api/analyze",
+                                     json={"image": b64(unique_image(64, 48))})
+            assert answer.status_code == 200, answer.text
+        assert time.monotonic() - started < 10
+
+
+# JSON bombs -----------------------------------------------------------------------------------
+
+
+async def test_json_bombs_are_refused_before_they_are_parsed(server, open_client) -> None:
+    """``{"image": "AAAA", "x": [{}, {}, ...]}``: millions of objects if parsed (hundreds of
+    MB and seconds of the event loop). Refused ``too_large`` on sight, over HTTP and as a
+    WebSocket text message, while a normal upload runs alongside; the gateway barely grows."""
+    limit = server.settings.limits.max_message_bytes
+    http_bomb = b'{"image": "AAAA", "x": [' + b"{}," * 2_500_000 + b'{}]}'  # 7.5 MB
+    ws_bomb = ('{"type": "chunk", "id": "u1", "offset": 0, "data": "QUJD", "x": ['
+               + "{}," * ((limit - 200) // 3) + "{}]}")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    async def hostile(client: ProtocolClient) -> None:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as http:
+            started = time.monotonic()
+            answer = await http.post("/api/analyze", content=http_bomb,
+                                     headers={"Content-Type": "application/json"})
+            assert (answer.status_code, answer.json()["code"]) == (413, "too_large")
+            assert time.monotonic() - started < 5
+        await client.send_raw(ws_bomb)
+        assert (await client.expect("error"))["code"] == "too_large"
+        await assert_alive(client)
+
+    await alongside(server, open_client, hostile)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert grown_kib < 100 * 1024  # parsed, the HTTP bomb alone took 210 MiB (and 0.3 s)
 
 
 # Redis mode: bytes parked in the shared store ----------------------------------------------------

@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from server.limits import KeyedBuckets, MemoryBudget, TokenBucket
+from chunking.errors import ErrorCode, ProtocolError
+from server.limits import KeyedBuckets, MemoryBudget, Reservation, TokenBucket, client_key
 
 
 class FakeClock:
@@ -135,8 +136,8 @@ def test_reservations_fit_under_the_limit_or_change_nothing() -> None:
     assert not budget.reserve(401)  # would exceed: refused, nothing held
     assert budget.held == 600
     assert budget.reserve(400)
-    assert budget.over
-    budget.release(1000)
+    assert not budget.over  # reservations alone never stop the readers
+    budget.unreserve(1000)
     assert (budget.held, budget.peak) == (0, 1000)
     assert changes == [(600, 0), (1000, 0), (0, 0)]
 
@@ -150,11 +151,11 @@ def test_one_owner_holds_at_most_its_share_of_the_reservations() -> None:
     assert budget.reserve(400, "bob")  # the others' room is untouched
     assert budget.reserve(200)  # no owner: only the limit applies
     assert not budget.reserve(1, "carol")  # the limit still binds everyone
-    budget.release(300, "alice")
+    budget.unreserve(300, "alice")
     assert budget.owned("alice") == 100
     assert budget.reserve(300, "alice")
-    budget.release(400, "alice")
-    budget.release(400, "bob")
+    budget.unreserve(400, "alice")
+    budget.unreserve(400, "bob")
     assert budget.owned("alice") == budget.owned("bob") == 0
     assert budget.held == 200
 
@@ -197,3 +198,53 @@ async def test_a_cancelled_reader_stops_counting_as_waiting() -> None:
     with pytest.raises(asyncio.CancelledError):
         await reader
     assert budget.waiting == 0
+
+
+async def test_reservations_filling_the_budget_pause_no_reader() -> None:
+    """A few clients' requests hold the whole budget: a message still passes (it is charged,
+    and the readers wait only while it is being handled)."""
+    budget = MemoryBudget(1000, share=500)
+    assert budget.reserve(500, "a")
+    assert budget.reserve(500, "b")
+    await budget.wait_for_room()  # at once
+    budget.charge(10)
+    assert budget.over
+    reader = asyncio.create_task(budget.wait_for_room())
+    await asyncio.sleep(0)
+    assert not reader.done()
+    budget.release(10)
+    async with asyncio.timeout(5):
+        await reader
+    assert not budget.over
+
+
+def test_fits_says_what_reserve_would_do_and_holds_nothing() -> None:
+    budget = MemoryBudget(1000, share=300)
+    assert budget.fits(300, "a")
+    assert not budget.fits(301, "a")
+    assert budget.fits(1000)
+    assert budget.held == 0
+
+
+def test_a_reservation_takes_as_bytes_arrive_and_gives_all_back() -> None:
+    budget = MemoryBudget(1000, share=400)
+    with Reservation(budget, "a", lambda: 250) as hold:
+        hold.take(300)
+        hold.take(0)
+        with pytest.raises(ProtocolError) as refused:
+            hold.take(101)  # over a's share
+        assert (refused.value.code, refused.value.retry_after_ms) == (ErrorCode.BUSY, 250)
+        assert budget.owned("a") == 300
+    assert budget.held == budget.owned("a") == 0
+
+
+@pytest.mark.parametrize(("address", "key"), [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("unknown", "unknown"),
+])
+def test_ipv6_clients_are_grouped_by_their_64(address: str, key: str) -> None:
+    assert client_key(address) == key

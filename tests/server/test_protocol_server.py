@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from server.auth import principal_of
 from tests.conftest import make_image, unique_image
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -588,24 +589,38 @@ async def test_inbound_bytes_per_second_are_limited_per_socket(server_factory, o
             assert (await other.expect("progress", id="o1"))["received"] == chunk
 
 
-async def test_an_upload_that_does_not_fit_the_memory_budget_is_busy(
+async def test_upload_bytes_that_do_not_fit_the_memory_budget_are_busy(
     server_factory, open_client, gate
 ) -> None:
+    """An upload holds the bytes it received, not its declared size: a declared upload is
+    accepted while its first chunk fits, and a chunk past the budget is answered ``busy``
+    (the client resumes from ``expected`` once memory frees)."""
     server = server_factory(memory_budget_bytes=1_000_000)
-    held = unique_image(400, 400, "BMP")  # 480 KB, reserved from accepted to its result
+    held = unique_image(400, 400, "BMP")  # 480 KB, reserved from its bytes to its result
+    chunk = server.settings.max_chunk_bytes
     async with open_client(server.ws_url) as client:
         with gate.closed():
             await client.send_upload("held", held, task="gate")
             await client.expect("progress", id="held", stage="decoding")
             assert server.state.budget.held == len(held)
-            await client.upload("refused", 600_000)
-            error = await client.expect("error", id="refused")
-            assert error["code"] == "busy"
-            assert error["retry_after_ms"] > 0
-            await client.upload("fits", 400_000)
-            await client.expect("accepted", id="fits")
-            await client.send({"type": "cancel", "id": "fits"})
-            await client.expect("cancelled", id="fits")
+            await client.upload("big", 900_000)
+            await client.expect("accepted", id="big")  # declared, nothing held yet
+            assert server.state.budget.held == len(held)
+            offset = 0
+            while True:
+                await client.chunk("big", offset, b"b" * chunk)
+                answer = await client.expect(lambda m: m.get("id") == "big")
+                if answer["type"] == "error":
+                    break
+                offset += chunk
+            assert answer["code"] == "busy"
+            assert answer["retry_after_ms"] > 0
+            assert answer["expected"] == offset
+            # Refused once the held upload, the chunk in hand and its copy would not fit.
+            assert len(held) + offset + 2 * chunk > 1_000_000
+            await client.send({"type": "cancel", "id": "big"})
+            await client.expect("cancelled", id="big")
+            assert server.state.budget.held == len(held)
         assert (await client.outcome("held"))["type"] == "result"
     assert server.state.budget.held == 0
 
@@ -747,25 +762,38 @@ async def test_an_upload_answered_from_the_cache_drops_its_decode_ahead(server_f
 
 async def test_one_client_cannot_reserve_the_whole_memory_budget(server_factory,
                                                                  open_client) -> None:
-    """A client that declares uploads and never sends them holds at most its share (a
-    quarter of the budget, or one largest upload): other clients still get theirs."""
+    """Declared uploads that never send hold nothing; the bytes a client does send count
+    against its share (a quarter of the budget, or one largest upload): past it, its chunks
+    are ``busy`` while other clients' still fit."""
     server = server_factory(api_tokens=("alice-token", "bob-token"),
                             memory_budget_bytes=32 * 1024 * 1024)  # share: 8 MiB here
     budget = server.state.budget
     assert budget.share == 8 * 1024 * 1024
-    size = 5 * 1024 * 1024
+    size, chunk = 5 * 1024 * 1024, server.settings.max_chunk_bytes
     async with open_client(f"{server.ws_url}?token=alice-token") as alice:
-        await alice.upload("a1", size)
-        await alice.expect("accepted", id="a1")
-        await alice.upload("a2", size)
-        refused = await alice.expect("error", id="a2")
-        assert refused["code"] == "busy"
+        for n in range(4):
+            await alice.upload(f"a{n}", size)
+            await alice.expect("accepted", id=f"a{n}")
+        assert budget.held == 0  # declared, not sent: nothing held
+        refused = None
+        for upload_id in ("a0", "a1"):
+            for offset in range(0, size - chunk, chunk):  # never the last chunk: parked
+                await alice.chunk(upload_id, offset, b"a" * chunk)
+                answer = await alice.expect(lambda m, u=upload_id: m.get("id") == u)
+                if answer["type"] == "error":
+                    refused = answer
+                    break
+            if refused:
+                break
+        assert refused is not None
+        assert (refused["id"], refused["code"]) == ("a1", "busy")
         assert "one client" in refused["message"]
         assert refused["retry_after_ms"] > 0
+        assert budget.owned(principal_of("alice-token")) <= budget.share
         async with open_client(f"{server.ws_url}?token=bob-token") as bob:
-            await bob.upload("b1", size)
-            await bob.expect("accepted", id="b1")
-        await alice.send({"type": "cancel", "id": "a1"})
-        await alice.expect("cancelled", id="a1")
-        await alice.upload("a3", size)  # her reservation was given back
-        await alice.expect("accepted", id="a3")
+            await bob.send_upload("b1", unique_image(96, 64))
+            assert (await bob.outcome("b1"))["type"] == "result"
+        await alice.send({"type": "cancel", "id": "a0"})
+        await alice.expect("cancelled", id="a0")
+        await alice.chunk("a1", refused["expected"], b"a" * chunk)  # her bytes were given back
+        assert (await alice.expect("progress", id="a1"))["received"] > refused["expected"]

@@ -13,6 +13,7 @@ import pytest
 from chunking.client import (
     Client,
     ConnectFailedError,
+    ForbiddenHostError,
     ForbiddenOriginError,
     StalledError,
     UnauthorizedError,
@@ -147,6 +148,7 @@ async def test_a_stalled_connection_is_dropped_and_resumed(colors_server) -> Non
     (401, {"code": "unauthorized", "message": "a valid API token is required"},
      UnauthorizedError),
     (403, {"code": "forbidden_origin", "message": "no"}, ForbiddenOriginError),
+    (400, {"code": "forbidden_host", "message": "not this Host"}, ForbiddenHostError),
     (500, {}, ConnectFailedError),
 ])
 async def test_a_refused_handshake_raises_its_error(status: int, body: dict[str, Any],

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -26,7 +27,7 @@ def test_the_gateway_stamps_its_revision_and_clients_cannot(
     store, first, second = versions
     task = VersionedClassification(str(store.folder), name="shapes")
     assert task.model.revision == first
-    assert task.model.id == first  # a tiny folder without a marker is named by its folder
+    assert task.model.id == "shapes"  # recorded when added: the model's name in the folder
     assert task.resolve_options(validate_options(task, {})) == {"top_k": 2, "revision": first}
     with pytest.raises(OptionsError, match="is set by the server"):
         task.resolve_options(validate_options(task, {"revision": second}))
@@ -56,3 +57,27 @@ def test_a_worker_answers_each_job_with_its_revision_and_frees_the_old_one(
     assert {x["label"] for x in late[0]["labels"]} == {"a1", "a2"}
     ask(worker, [second])
     assert worker.loaded == {second}
+
+
+def test_a_tasks_file_or_model_flag_naming_a_versions_folder_follows_it(
+        versions: tuple[ModelVersions, str, str], tmp_path: Path) -> None:
+    from server.tasks.builtin import builtin_tasks
+    from server.tasks.registry import TasksFileError, read_tasks_file
+
+    store, first, second = versions
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text(f'[tasks.shapes]\nkind = "image-classification"\nmodel = "{store.folder}"\n')
+    (entry,) = read_tasks_file(tasks)
+    assert isinstance(entry.task, VersionedClassification)
+    assert entry.task.model.revision == first
+    classify = builtin_tasks(str(store.folder))[0]
+    assert isinstance(classify, VersionedClassification)
+    assert classify.name == "classify"
+    # a revision folder itself is an ordinary model folder: pinned
+    pinned = builtin_tasks(str(store.folder / second))[0]
+    assert not isinstance(pinned, VersionedClassification)
+    assert pinned.model.revision == second  # recorded in its marker when it was added
+    assert pinned.model.id == "shapes"
+    (store.folder / "ACTIVE").write_text("0123456789abcdef\n")
+    with pytest.raises(TasksFileError, match="has no revision 0123456789abcdef"):
+        read_tasks_file(tasks)

@@ -28,6 +28,7 @@ LABELS = ["red", "green", "blue", "grey"]
 def _loaded(folder: Path, **flags: Any) -> ImageClassification:
     task = ImageClassification(str(folder), **flags)
     task.setup("cpu")
+    task.wait_optimized(120)
     return task
 
 

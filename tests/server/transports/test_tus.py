@@ -301,11 +301,17 @@ async def test_a_preflight_from_an_allowed_origin_exposes_the_tus_headers(server
 
 
 async def test_an_upload_over_the_memory_budget_is_busy(server_factory) -> None:
+    """Uploads hold the bytes they received, not their declared length: a creation is busy
+    once its first chunk would not fit beside them."""
     server = server_factory(memory_budget_bytes=1 << 20, max_image_bytes=1 << 20)
     async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as client:
-        first = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": str(1 << 20)})
-        assert first.status_code == 201
-        second = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "1000"})
+        first = await create(client, 1 << 20)
+        assert server.state.budget.held == 0  # declared, nothing received: nothing held
+        piece, sent = 100_000, 900_000
+        for offset in range(0, sent, piece):
+            assert (await patch(client, first, offset, b"x" * piece)).status_code == 204
+        assert server.state.budget.held == sent
+        second = await client.post("/v1/tus/", headers={**TUS, "Upload-Length": "200000"})
         assert (second.status_code, second.json()["code"]) == (503, "busy")
 
 

@@ -4,10 +4,10 @@ were drawn; small text in a tile-sized image still reads."""
 from __future__ import annotations
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from server.vision.ocr import TILE_SIDE, TextReader
-from tests.support.vision_inputs import encloses, page
+from tests.support.vision_inputs import encloses, font, page
 
 LINES = ["Invoice number 48213", "Part PX-7731 rev B", "Shipped to Lisbon, Portugal"]
 
@@ -37,6 +37,14 @@ def test_13_px_text_reads_in_a_tile_but_not_in_a_larger_image(reader: TextReader
 
 def test_a_blank_page_has_no_text(reader: TextReader) -> None:
     assert reader.read(Image.new("RGB", (800, 600), "white")) == []
+
+
+def test_faint_text_is_still_read(reader: TextReader) -> None:
+    """The blank-page shortcut only skips images with (almost) no contrast."""
+    image = Image.new("RGB", (600, 200), (250, 250, 250))
+    ImageDraw.Draw(image).text((40, 60), "Faint pencil note", fill=(175, 175, 175),
+                               font=font(28))
+    assert [line.text for line in reader.read(image)] == ["Faint pencil note"]
 
 
 def test_grey_images_are_read_too(reader: TextReader) -> None:
