@@ -91,6 +91,19 @@ def test_an_upload_decoded_as_it_arrives_is_the_image_decoded_whole(spool: Spool
     assert len(ahead) == 0
 
 
+def test_only_jpegs_are_decoded_ahead_so_the_job_decodes_the_rest_its_own_way(
+        tmp_path: Path) -> None:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, size=(400, 600, 3),
+                                                       dtype=np.uint8)).save(out, "PNG")
+    png = SpoolFile(tmp_path / "png", out.getvalue())
+    ahead = DecodesAhead({"fake": HintOnly()})  # type: ignore[dict-item]
+    ahead.start(request(png))
+    ahead.arrived("u-1", png.write_to(len(png.data)))
+    assert ahead.take("u-1", str(png.path)) is None
+    ahead.close()
+
+
 def test_a_decode_waits_for_reported_bytes_not_written_ones(
     spool: SpoolFile, threads: concurrent.futures.Executor
 ) -> None:
