@@ -319,10 +319,14 @@ def _build(folder: Path, weights: Path, labels: list[str], marker: dict[str, Any
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' tqdm bars ("Loading weights", "Writing model shards") meanwhile."""
+    """Hide transformers' tqdm bars ("Loading weights", "Writing model shards") meanwhile, and
+    send its log records through this process's handler: it prints through a stderr handler of
+    its own ("[transformers] ..."), which broke JSON-lines logs with plain lines."""
     from transformers.utils import logging
 
     hf_logging: Any = logging
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
 
     enabled = hf_logging.is_progress_bar_enabled()
     if enabled:

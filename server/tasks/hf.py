@@ -209,8 +209,9 @@ class HFTask(Task):
         """Tracing and checking the optimized forward pass take seconds (over 10 s a worker
         on a busy 2-core machine): the worker reports ready at once and answers with the eager
         model meanwhile, then switches by one attribute assignment."""
-        thread = threading.Thread(target=self._optimize, name=f"optimize-{self.name}",
-                                  daemon=True)
+        # Not a daemon: a worker told to stop finishes the trace before its interpreter goes
+        # (killed mid-trace, torch's C++ threads abort the process: "terminate called...").
+        thread = threading.Thread(target=self._optimize, name=f"optimize-{self.name}")
         thread.start()
         return thread
 

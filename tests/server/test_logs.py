@@ -279,7 +279,10 @@ async def test_serve_logs_json_lines_without_tokens_and_closes_sockets_1012_on_s
         assert secret not in output
     entries = []
     for line in lines:
-        entry = orjson.loads(line)  # every line, the workers' included, is one JSON object
+        try:  # every line, the workers' included, is one JSON object
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
         assert {"time", "level", "logger", "message"} <= set(entry), line
         entries.append(entry)
     messages = [e["message"] for e in entries]
