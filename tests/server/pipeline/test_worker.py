@@ -268,7 +268,7 @@ def test_load_tasks_sets_each_task_up_on_its_device() -> None:
 
 
 def test_a_job_takes_the_image_its_worker_decoded_ahead(tmp_path: Path) -> None:
-    data = png(40)
+    data = make_image(40, 10, "JPEG", seed=40)  # only JPEGs are decoded ahead
     path = tmp_path / "upload"
     path.write_bytes(data)
     analyzer = FakeAnalyzer()
