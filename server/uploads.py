@@ -538,17 +538,7 @@ class UploadService:
             if live is None:
                 continue
             expired += 1
-            live.handle = None
-            live.lifecycle.advance(UploadEvent.FAIL)
-            app.metrics.uploads.labels("expired").inc()
-            if live.owner is not None:
-                app.metrics.errors.labels(ErrorCode.UPLOAD_EXPIRED.value).inc()
-                live.owner.deliver(error_from_exception(ProtocolError(
-                    ErrorCode.UPLOAD_EXPIRED,
-                    f"no chunk for {idle_s:g} s: the partial upload was discarded",
-                    upload_id=live.upload_id,
-                )))
-            self.forget(live)
+            self._expire(live, f"no chunk for {idle_s:g} s: the partial upload was discarded")
         # An upload that received nothing at all goes sooner: declaring costs a client nothing.
         start_s = min(idle_s, UPLOAD_START_TIMEOUT_S)
         unstarted = self.clock() - start_s
@@ -556,20 +546,21 @@ class UploadService:
             if (live.handle is not None and live.handle.received == 0
                     and live.accepted_at <= unstarted):
                 expired += 1
-                live.handle = None
-                live.lifecycle.advance(UploadEvent.FAIL)
-                app.metrics.uploads.labels("expired").inc()
-                if live.owner is not None:
-                    app.metrics.errors.labels(ErrorCode.UPLOAD_EXPIRED.value).inc()
-                    live.owner.deliver(error_from_exception(ProtocolError(
-                        ErrorCode.UPLOAD_EXPIRED,
-                        f"no byte in {start_s:g} s: the upload was discarded",
-                        upload_id=live.upload_id,
-                    )))
-                self.forget(live)
+                self._expire(live, f"no byte in {start_s:g} s: the upload was discarded")
         deadline = self.clock() - idle_s
         for live in list(self.live.values()):
             if live.owner is None and live.undelivered is not None and live.detached_at <= deadline:
                 self.forget(live)
                 expired += 1
         return expired
+
+    def _expire(self, live: LiveUpload, why: str) -> None:
+        """End a partial upload that went quiet; its owner, if connected, is told ``why``."""
+        live.handle = None
+        live.lifecycle.advance(UploadEvent.FAIL)
+        self.app.metrics.uploads.labels("expired").inc()
+        if live.owner is not None:
+            self.app.metrics.errors.labels(ErrorCode.UPLOAD_EXPIRED.value).inc()
+            live.owner.deliver(error_from_exception(ProtocolError(
+                ErrorCode.UPLOAD_EXPIRED, why, upload_id=live.upload_id)))
+        self.forget(live)

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.tasks import results
-from server.tasks.contract import DecodeHint, ModelInfo, SpatialOptions, Task, Tiling, View
+from server.tasks.builtin.engine_task import EngineTask
+from server.tasks.contract import DecodeHint, SpatialOptions, Tiling, View
 from server.tasks.spatial import suppress_duplicates
-from server.vision import Loading, package_version
 from server.vision import codes as engine
 
 
@@ -29,9 +29,8 @@ def _reading_order(code: dict[str, Any]) -> tuple[float, float]:
     return code["box"][1], code["box"][0]
 
 
-class Codes(Task):
+class Codes(EngineTask[engine.CodeReader]):
     name = "codes"
-    kind = "builtin"
     Options = SpatialOptions
     Result = results.Codes
     # One pass over a whole image keeps at least 2048 px on its shorter side: a code's
@@ -39,23 +38,14 @@ class Codes(Task):
     decode = DecodeHint(min_short_side=2048)
     tiling = Tiling(size=2048, overlap=512)
 
-    def __init__(self) -> None:
-        self._reader: Loading[engine.CodeReader] | None = None
+    model_id = engine.DISTRIBUTION
+    distribution = engine.DISTRIBUTION
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_reader": None}  # workers load their own
-
-    @property
-    def model(self) -> ModelInfo:
-        return ModelInfo(id=engine.DISTRIBUTION, revision=package_version(engine.DISTRIBUTION))
-
-    def setup(self, device: str) -> None:
-        self._reader = Loading(lambda: engine.CodeReader())
+    def make_engine(self) -> engine.CodeReader:
+        return engine.CodeReader()
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
-        if self._reader is None:
-            raise RuntimeError("setup() was not called")
-        reader = self._reader.get()
+        reader = self.engine()
         return [reader.read(image) for image in batch]
 
     def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from typing import Any
 from pydantic import Field
 
 from server.tasks import results
-from server.tasks.contract import DecodeHint, ModelInfo, SpatialOptions, Task, Tiling, View
+from server.tasks.builtin.engine_task import EngineTask
+from server.tasks.contract import DecodeHint, SpatialOptions, Tiling, View
 from server.tasks.spatial import suppress_duplicates
-from server.vision import Loading, package_version
 from server.vision import faces as engine
 
 DEFAULT_THRESHOLD = 0.6
@@ -36,35 +36,25 @@ def _best_first(faces: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(faces, key=lambda face: (-face["score"], face["box"][1], face["box"][0]))
 
 
-class Faces(Task):
+class Faces(EngineTask[engine.FaceDetector]):
     name = "faces"
-    kind = "builtin"
     Options = FacesOptions
     Result = results.Faces
     decode = DecodeHint(min_short_side=1024)
     tiling = Tiling(size=2048, overlap=512)
 
-    def __init__(self) -> None:
-        self._detector: Loading[engine.FaceDetector] | None = None
+    model_id = engine.MODEL_ID
+    distribution = engine.DISTRIBUTION
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_detector": None}  # workers load their own
-
-    @property
-    def model(self) -> ModelInfo:
-        return ModelInfo(id=engine.MODEL_ID, revision=package_version(engine.DISTRIBUTION))
-
-    def setup(self, device: str) -> None:
-        self._detector = Loading(lambda: engine.FaceDetector())
+    def make_engine(self) -> engine.FaceDetector:
+        return engine.FaceDetector()
 
     def preprocess(self, view: View, options: Any) -> Any:
         # The threshold goes with the image: duplicates are removed among the faces above it.
         return view.image, options.threshold
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
-        if self._detector is None:
-            raise RuntimeError("setup() was not called")
-        detector = self._detector.get()
+        detector = self.engine()
         return [detector.detect(image, min_score=threshold) for image, threshold in batch]
 
     def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:

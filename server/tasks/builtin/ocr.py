@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.tasks import results
-from server.tasks.contract import DecodeHint, ModelInfo, SpatialOptions, Task, Tiling, View
-from server.vision import Loading, package_version, thread_count
+from server.tasks.builtin.engine_task import EngineTask
+from server.tasks.contract import DecodeHint, SpatialOptions, Tiling, View
 from server.vision import ocr as engine
+from server.vision import thread_count
 
 MIN_STITCH = 2
 """Fewest repeated characters that count as the overlap of two pieces of one line."""
@@ -116,9 +117,8 @@ def _result(lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"text": "\n".join(line["text"] for line in ordered), "lines": ordered}
 
 
-class Ocr(Task):
+class Ocr(EngineTask[engine.TextReader]):
     name = "ocr"
-    kind = "builtin"
     Options = SpatialOptions
     Result = results.Text
     # One pass over a whole image ("tiles": false) is as large as a tile on its shorter side.
@@ -127,23 +127,14 @@ class Ocr(Task):
     # what stitching a line's pieces from neighbouring tiles needs.
     tiling = Tiling(size=engine.TILE_SIDE, overlap=192)
 
-    def __init__(self) -> None:
-        self._reader: Loading[engine.TextReader] | None = None
+    model_id = engine.MODEL_ID
+    distribution = engine.DISTRIBUTION
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_reader": None}  # workers load their own
-
-    @property
-    def model(self) -> ModelInfo:
-        return ModelInfo(id=engine.MODEL_ID, revision=package_version(engine.DISTRIBUTION))
-
-    def setup(self, device: str) -> None:
-        self._reader = Loading(lambda: engine.TextReader(threads=thread_count()))
+    def make_engine(self) -> engine.TextReader:
+        return engine.TextReader(threads=thread_count())
 
     def predict(self, batch: Sequence[Any]) -> list[Any]:
-        if self._reader is None:
-            raise RuntimeError("setup() was not called")
-        reader = self._reader.get()
+        reader = self.engine()
         return [reader.read(image) for image in batch]
 
     def encode(self, output: Any, view: View, options: Any) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -45,14 +44,3 @@ def test_describing_and_pickling_the_built_ins_loads_no_engine() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-
-
-def test_a_set_up_task_pickles_without_its_engine() -> None:
-    """Workers load their own engines: a task set up in one process travels without it."""
-    from server.tasks.builtin.codes import Codes
-
-    task = Codes()
-    task.setup("cpu")
-    copy = pickle.loads(pickle.dumps(task))
-    assert copy._reader is None
-    assert task._reader is not None
