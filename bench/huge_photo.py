@@ -96,7 +96,7 @@ def run(rounds: int = 3) -> Section:
         "4000x3000 PNG": photo_png(4000, 3000, grain=8),
     }
     rows = []
-    ps_port, off_port, naive_port = free_port(), free_port(), free_port()
+    ps_port, naive_port = free_port(), free_port()
     spool = tempfile.mkdtemp(prefix="bench-huge-", dir="/dev/shm" if os.path.isdir("/dev/shm")
                              else None)
     naive_argv = [str(VENV_BIN / "python"), "bench/naive_server.py", str(naive_port)]
@@ -104,20 +104,15 @@ def run(rounds: int = 3) -> Section:
     try:
         with server_process(pixelstream_argv(ps_port, "--spool-dir", spool), ps_port,
                             ready_path="/readyz") as ps, \
-                server_process(pixelstream_argv(off_port, "--spool-dir", spool,
-                                                "--decode-ahead-bytes", "0"), off_port,
-                               ready_path="/readyz") as ps_off, \
                 server_process(naive_argv, naive_port) as naive:
             counter = iter(range(10**6))
-            servers = [ps.pid, ps_off.pid, naive.pid]
+            servers = [ps.pid, naive.pid]
             for name, data in photos.items():
                 # One warm-up each, so neither side pays first-call costs in the figures.
                 asyncio.run(pixelstream_round(ps_port, data, "warmup"))
-                asyncio.run(pixelstream_round(off_port, data, "warmup"))
                 naive_round(naive_port, data)
                 time.sleep(0.5)
                 ps_idle = PeakSampler(ps.pid, [spool]).measure()["held"]
-                off_idle = PeakSampler(ps_off.pid, [spool]).measure()["held"]
                 nv_idle = PeakSampler(naive.pid).measure()["held"]
 
                 def upload(port: int, d: bytes = data) -> dict[str, Any]:
@@ -126,19 +121,14 @@ def run(rounds: int = 3) -> Section:
                 with paused([p for p in servers if p != ps.pid]):
                     ps_ms, ps_mem, ps_result = measure(
                         ps.pid, [spool], ps_idle, lambda: upload(ps_port), rounds)
-                with paused([p for p in servers if p != ps_off.pid]):
-                    off_ms, off_mem, off_result = measure(
-                        ps_off.pid, [spool], off_idle, lambda: upload(off_port), rounds)
                 with paused([p for p in servers if p != naive.pid]):
                     nv_ms, nv_mem, nv_result = measure(
                         naive.pid, [], nv_idle, lambda d=data: naive_round(naive_port, d), rounds)
-                assert ps_result["image"] == nv_result["image"] == off_result["image"]
-                assert ps_result["result"] == off_result["result"]  # decoded ahead: same image
+                assert ps_result["image"] == nv_result["image"]
                 top_ps = ps_result["result"]["labels"][0]["label"]
                 top_nv = nv_result["result"]["labels"][0]["label"]
                 rows.append([
                     name, f"{len(data) / MB:.1f} MB", f"{ps_ms:.0f}",
-                    f"{off_ms:.0f} ({off_mem / MB:.1f} MB)",
                     f"{nv_ms:.0f}", f"{nv_ms / ps_ms:.1f}x",
                     f"{ps_mem / MB:.1f} ({ps_mem / len(data):.2f}x file)",
                     f"{nv_mem / MB:.0f} ({nv_mem / len(data):.1f}x file)",
@@ -156,15 +146,13 @@ def run(rounds: int = 3) -> Section:
         key="huge_photo",
         title="2. Time to result for a huge photo",
         intro=(f"Medians of {rounds} rounds. pixelstream gets binary chunks of 1 MiB over one "
-               "WebSocket and decodes large JPEGs at reduced scale, while the bytes arrive (the "
-               "same server with `--decode-ahead-bytes 0` decodes once the upload is whole); "
+               "WebSocket and decodes large JPEGs at reduced scale once the upload is whole; "
                "the naive server gets one "
                "JSON POST with Base64, a Pydantic model, a full decode, then a resize, then the "
                "same model. Time: first byte sent to result. Memory: peak above idle of the "
                "server tree's RSS (less shared memory) plus its spool files in /dev/shm. "
                "Result cache off."),
-        header=["photo", "file", "pixelstream ms", "decode ahead off: ms (memory MB)",
-                "naive ms", "speed-up",
+        header=["photo", "file", "pixelstream ms", "naive ms", "speed-up",
                 "pixelstream memory MB", "naive memory MB", "memory ratio", "same top-1",
                 "pixelstream stages ms"],
         rows=rows,

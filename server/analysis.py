@@ -47,18 +47,6 @@ class StageCallback(Protocol):
                  counts: tuple[int, int] | None = None) -> None: ...
 
 
-class AheadDecoder(Protocol):
-    """Workers that can decode an upload while its bytes arrive (the in-process pool: see
-    :mod:`server.pipeline.decode_ahead`)."""
-
-    def decode_ahead(self, job_id: str, task: str, path: str, size: int,
-                     max_pixels: int) -> bool: ...
-
-    def bytes_arrived(self, job_id: str, received: int) -> None: ...
-
-    def drop_decode(self, job_id: str) -> None: ...
-
-
 class AnalysisService:
     def __init__(
         self,
@@ -67,9 +55,6 @@ class AnalysisService:
         cache: ResultCache,
         metrics: Metrics,
         max_pixels: int,
-        *,
-        ahead: AheadDecoder | None = None,
-        ahead_min_bytes: int = 0,
     ) -> None:
         self.registry = registry
         self.specs: dict[str, Task] = {entry.task.name: entry.task for entry in registry.entries}
@@ -81,9 +66,6 @@ class AnalysisService:
         self.cache = cache
         self.metrics = metrics
         self.max_pixels = max_pixels
-        self.ahead = ahead if ahead_min_bytes > 0 else None
-        """Decodes uploads of at least ``ahead_min_bytes`` while they arrive; None: never."""
-        self.ahead_min_bytes = ahead_min_bytes
         self.handing_back = False
         """Set when a gateway on a shared queue shuts down: analyses cancelled from then on
         leave their jobs queued (for the gateway their clients resume on) instead of
@@ -145,21 +127,6 @@ class AnalysisService:
                 ErrorCode.BUSY, "the server is at capacity",
                 retry_after_ms=self.pool.retry_after_ms(),
             )
-
-    def begin_decode_ahead(self, job_id: str, task: str, path: str | None, size: int) -> bool:
-        """Start decoding an upload (the job it will become: ``job_id``) from the file its
-        bytes are written to, in order, while they arrive. False: it is decoded as a job."""
-        if self.ahead is None or path is None or size < self.ahead_min_bytes:
-            return False
-        return self.ahead.decode_ahead(job_id, task, path, size, self.max_pixels)
-
-    def bytes_arrived(self, job_id: str, received: int) -> None:
-        if self.ahead is not None:
-            self.ahead.bytes_arrived(job_id, received)
-
-    def drop_decode(self, job_id: str) -> None:
-        if self.ahead is not None:
-            self.ahead.drop_decode(job_id)
 
     async def run(
         self,

@@ -239,8 +239,6 @@ def create_app(
             service = AnalysisService(
                 registry, queue, cache, metrics,
                 max_pixels=settings.max_pixels,
-                ahead=queue if isinstance(queue, WorkerPool) else None,
-                ahead_min_bytes=settings.decode_ahead_bytes,
             )
             state = AppState(
                 settings=settings, limits=settings.limits, metrics=metrics, store=store,

@@ -72,11 +72,6 @@ class Metrics:
             "pixelstream_cache_lookups", "Result cache lookups by outcome", ["outcome"],
             registry=r,
         )
-        self.decodes_ahead = Counter(
-            "pixelstream_decodes_ahead",
-            "Uploads decoded while their bytes arrived, by outcome: used by the job, or "
-            "dropped (the job ran elsewhere or never ran)", ["outcome"], registry=r,
-        )
 
     def memory_changed(self, held: int, waiting: int) -> None:
         self.memory_held.set(held)

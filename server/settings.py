@@ -55,9 +55,6 @@ class Settings:
     """How long a batch may wait for more jobs once a worker is free for it."""
     max_queue: int = 128
     """Jobs waiting for a worker beyond which new work is answered ``busy``."""
-    decode_ahead_bytes: int = 1024 * 1024
-    """Uploads at least this large are decoded by a worker while their bytes arrive (with
-    in-process workers; not with redis_url); 0: every image is decoded once it is whole."""
 
     # Uploads and results.
     upload_idle_timeout_s: float = 600.0
@@ -143,8 +140,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("workers", "max_connections_per_client", "uploads_per_minute",
-                     "bytes_per_minute", "claim_idle_ms", "decode_ahead_bytes",
-                     "redis_upload_bytes"):
+                     "bytes_per_minute", "claim_idle_ms", "redis_upload_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.workers < 1 and self.redis_url is None:

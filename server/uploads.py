@@ -61,9 +61,6 @@ _STAGE_EVENTS = {
 ENDED_REMEMBERED = 10_000
 """How many ended uploads' tokens are remembered (see :attr:`UploadService.ended`)."""
 
-ARRIVAL_STEP = 1 << 20
-"""Bytes between reports to a worker decoding an upload ahead (one message per MiB)."""
-
 
 class UploadOwner(Protocol):
     """Who receives an upload's messages now (a WebSocket connection)."""
@@ -133,10 +130,6 @@ class LiveUpload:
     keeps its bytes; given back when it is forgotten or its image released."""
     reserved_by: str | None = None
     """The client the reservation counts against (the one that began the upload)."""
-    ahead_job: str | None = None
-    """The job id a worker decodes this upload ahead for, while its bytes arrive."""
-    ahead_reported: int = 0
-    """The byte count last reported to that worker."""
     history: list[tuple[int, Progress | Result | Error]] = field(default_factory=list)
     """What was delivered, numbered, for watchers that follow it (server-sent events): every
     stage and the outcome, with consecutive ``upload`` progress folded into the latest."""
@@ -216,9 +209,6 @@ class UploadService:
         live = LiveUpload(token=handle.token, meta=meta, accepted_at=self.clock(),
                           handle=handle, store_owner=store_owner,
                           reserved_by=caller.client, upload_id=request.upload_id)
-        job_id = upload_job_id(live.token)
-        if service.begin_decode_ahead(job_id, spec.name, handle.local_path, request.size):
-            live.ahead_job = job_id
         self.live[live.token] = live
         if owner is not None:
             self.adopt(live, owner, request.upload_id)
@@ -286,7 +276,6 @@ class UploadService:
             # job runs there; follow it from here.
             live.handle = None
             live.lifecycle.advance(UploadEvent.LAST_BYTE)
-            self._end_decode_ahead(live)
             self._unreserve(live)
             live.analysis = self.app.spawn(self._follow(live), "follow-upload")
         live.store_owner = store_owner
@@ -336,7 +325,6 @@ class UploadService:
         event = await app.store.write(live.handle, store_owner, chunk)
         if isinstance(event, Appended):
             app.metrics.upload_bytes.inc(len(data))
-            self._report_arrival(live, event.received)
         return event
 
     async def finish(self, live: LiveUpload) -> None:
@@ -370,20 +358,6 @@ class UploadService:
         self.app.metrics.uploads.labels("cancelled").inc()
         return True
 
-    def _report_arrival(self, live: LiveUpload, received: int) -> None:
-        """Tell the worker decoding ``live`` ahead that its first ``received`` bytes are in."""
-        if live.ahead_job is None:
-            return
-        if received - live.ahead_reported >= ARRIVAL_STEP or received == live.meta.size:
-            live.ahead_reported = received
-            self.app.service.bytes_arrived(live.ahead_job, received)
-
-    def _end_decode_ahead(self, live: LiveUpload) -> None:
-        """The upload's decode ahead is no longer wanted (a no-op once its job took it)."""
-        if live.ahead_job is not None:
-            self.app.service.drop_decode(live.ahead_job)
-            live.ahead_job = None
-
     def _unreserve(self, live: LiveUpload) -> None:
         """Give the upload's share of the memory budget back (once)."""
         self.app.budget.unreserve(live.reserved, live.reserved_by)
@@ -392,7 +366,6 @@ class UploadService:
     def forget(self, live: LiveUpload) -> None:
         """The upload is no longer live: its token and id name nothing from now on."""
         self._unreserve(live)
-        self._end_decode_ahead(live)
         if self.live.get(live.token) is live:
             del self.live[live.token]
             self.app.spawn(self.app.store.discard(live.token, live.store_owner), "discard-upload")
@@ -466,7 +439,6 @@ class UploadService:
         except Exception as exc:
             self._deliver_failure(live, exc)
         finally:
-            self._end_decode_ahead(live)
             if not handed_back:
                 await app.store.release(finished.image)
             self._unreserve(live)

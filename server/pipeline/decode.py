@@ -79,7 +79,7 @@ DECODE_MEMORY_BUDGET = 256 * 1024 * 1024
 """Bytes a decode may need BESIDE the pixels it returns (estimated from the header, see
 :func:`working_bytes`): a progressive or multi-scan JPEG's coefficients (2 bytes per sample,
 kept whole even at 1/8 scale), the full frame of a decoder that cannot stream (GIF, BMP,
-WebP, interlaced PNG; PNG and TIFF while their bytes still arrive), a TIFF's largest strip.
+WebP, interlaced PNG), a TIFF's largest strip.
 Over it, the image is answered ``too_many_pixels`` before any pixel is decoded: e.g. a
 progressive 4:2:0 JPEG may have about 89 MP, a 4:4:4 one 44 MP, a WebP 67 MP."""
 
@@ -195,22 +195,11 @@ class _Source(Protocol):
         """Up to ``size`` bytes at ``offset``; fewer (or none) where the data ends."""
 
 
-WaitFor = Callable[[int], None]
-"""For data still arriving: ``wait_for(end)`` returns once the bytes below ``end`` are in (or
-raises to stop the decode)."""
-
-
-def _arrived(end: int) -> None:
-    """The ``wait_for`` of data that is all there."""
-
-
 class _BufferSource:
-    def __init__(self, view: memoryview, wait_for: WaitFor = _arrived) -> None:
+    def __init__(self, view: memoryview) -> None:
         self._view = view
-        self._wait_for = wait_for
 
     def peek(self, offset: int, size: int) -> bytes:
-        self._wait_for(min(offset + size, len(self._view)))
         return self._view[offset : offset + size].tobytes()
 
 
@@ -674,10 +663,9 @@ class _BufferReader(_Reader):
     """A file over a memoryview: Pillow reads from it without a full copy (``io.BytesIO``
     would copy a bytearray or memoryview up front)."""
 
-    def __init__(self, view: memoryview, wait_for: WaitFor = _arrived) -> None:
+    def __init__(self, view: memoryview) -> None:
         super().__init__()
         self._view = view
-        self._wait_for = wait_for
         self._pos = 0
 
     def tell(self) -> int:
@@ -693,34 +681,8 @@ class _BufferReader(_Reader):
     def read(self, size: int | None = -1) -> bytes:
         start = min(self._pos, len(self._view))
         end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
-        self._wait_for(end)
         self._pos = end
         return self._view[start:end].tobytes()
-
-
-class _WaitingFile(_Reader):
-    """A file being filled in order: every read first waits for the bytes it covers."""
-
-    def __init__(self, file: IO[bytes], wait_for: WaitFor) -> None:
-        super().__init__()
-        self._file = file
-        self._wait_for = wait_for
-        self._size = os.fstat(file.fileno()).st_size
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._file.seek(offset, whence)
-
-    def read(self, size: int | None = -1) -> bytes:
-        position = self._file.tell()
-        end = self._size if size is None or size < 0 else min(position + size, self._size)
-        self._wait_for(end)
-        return self._file.read(max(0, end - position))
 
 
 def decode(
@@ -728,22 +690,18 @@ def decode(
     *,
     max_pixels: int,
     hint: DecodeHint,
-    wait_for: WaitFor = _arrived,
     deadline_s: float | None = DEFAULT_DECODE_DEADLINE_S,
 ) -> DecodedImage:
     """Decode a whole image file into an RGB Pillow image no larger than the model needs.
 
     ``data``: the file's bytes (``bytes``/``bytearray``/``memoryview``, read in place; do not
     mutate it during the call), or a path (``str``/``os.PathLike``) to a file that is opened
-    and read from directly. With every byte there, PNG, TIFF and WebP are decoded by libvips,
-    which streams them strip by strip and shrinks as it goes (WebP's frame is decoded whole);
-    JPEG, GIF and BMP (and PNG/TIFF/WebP given a ``wait_for``) by Pillow, which reads JPEG,
-    PNG, GIF and BMP a piece at a time. Before any pixel is decoded, the header must pass
+    and read from directly. PNG, TIFF and WebP are decoded by libvips, which streams them
+    strip by strip and shrinks as it goes (WebP's frame is decoded whole); JPEG, GIF and BMP
+    by Pillow, which reads them a piece at a time. Before any pixel is decoded, the header must pass
     ``max_pixels``, :data:`DECODE_MEMORY_BUDGET` and, for JPEG, the scan limit (see
     :func:`jpeg_scan_limit`); all answer ``too_many_pixels``. CPU-bound and blocking:
-    call it in a worker process or thread, not on the event loop. ``wait_for`` lets the
-    decode begin while the file or buffer is still being filled, in order, from its start:
-    no byte is read before ``wait_for`` has returned for an offset beyond it.
+    call it in a worker process or thread, not on the event loop.
 
     Steps: the header is parsed (:func:`probe`) and ``width * height`` checked against
     ``max_pixels`` before Pillow even opens the file; Pillow's lazily-opened size is checked
@@ -759,8 +717,7 @@ def decode(
     image).
 
     ``deadline_s``: the decode stops once it has run that long (checked whenever the decoder
-    reads, so within one read's work) and raises ``too_many_pixels``; time spent in
-    ``wait_for`` counts too.
+    reads, so within one read's work) and raises ``too_many_pixels``.
 
     Raises ``ProtocolError``: ``too_many_pixels`` over ``max_pixels`` (or over Pillow's own
     ``2 * Image.MAX_IMAGE_PIXELS``, whichever is lower); ``invalid_image`` for anything not a
@@ -775,60 +732,44 @@ def decode(
         raise ValueError("hint.min_short_side must be positive or None")
     give_up_at = None if deadline_s is None else time.monotonic() + deadline_s
     min_short = hint.min_short_side
-    complete = wait_for is _arrived
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
         with open(path, "rb") as file:
-            fp = file if complete else cast(IO[bytes], _WaitingFile(file, wait_for))
-            src = _FileSource(fp)
+            src = _FileSource(file)
             info = _probe_header(src, max_pixels)
-            streaming = complete and info.format in _STREAMED_FORMATS
-            scan_limit = _check_cost(src, info, min_short, complete=complete,
-                                     streaming=streaming)
+            streaming = info.format in _STREAMED_FORMATS
+            _check_cost(src, info, min_short, streaming=streaming)
             if streaming:
                 return _decode_vips(path, info, min_short, deadline_s)
-            return _decode_file(_guarded(fp, give_up_at, scan_limit), info, max_pixels,
-                                min_short, deadline_s)
+            return _decode_file(_guarded(file, give_up_at), info, max_pixels, min_short,
+                                deadline_s)
     view = _byte_view(data)
-    buffer_src = _BufferSource(view, wait_for)
+    buffer_src = _BufferSource(view)
     info = _probe_header(buffer_src, max_pixels)
-    streaming = complete and info.format in _STREAMED_FORMATS
-    scan_limit = _check_cost(buffer_src, info, min_short, complete=complete,
-                             streaming=streaming)
+    streaming = info.format in _STREAMED_FORMATS
+    _check_cost(buffer_src, info, min_short, streaming=streaming)
     if streaming:
         return _decode_vips(view, info, min_short, deadline_s)
     # BytesIO shares a bytes object's memory; other buffers get the zero-copy reader.
-    reader: IO[bytes]
-    if isinstance(data, bytes) and complete:
-        reader = io.BytesIO(data)
-    else:
-        reader = cast(IO[bytes], _BufferReader(view, wait_for))
-    return _decode_file(_guarded(reader, give_up_at, scan_limit), info, max_pixels,
-                        min_short, deadline_s)
+    reader = io.BytesIO(data) if isinstance(data, bytes) else cast(IO[bytes], _BufferReader(view))
+    return _decode_file(_guarded(reader, give_up_at), info, max_pixels, min_short, deadline_s)
 
 
-def _guarded(fp: IO[bytes], give_up_at: float | None, scan_limit: int | None) -> IO[bytes]:
-    """``fp``, or a reader over it that enforces the deadline and, for a JPEG whose scans
-    could not be counted up front (its bytes still arriving), ``scan_limit``."""
-    if give_up_at is None and scan_limit is None:
+def _guarded(fp: IO[bytes], give_up_at: float | None) -> IO[bytes]:
+    """``fp``, or a reader over it that enforces the deadline."""
+    if give_up_at is None:
         return fp
-    return cast(IO[bytes], _GuardedReader(fp, give_up_at, scan_limit))
+    return cast(IO[bytes], _GuardedReader(fp, give_up_at))
 
 
 class _GuardedReader(_Reader):
     """Passes reads through, stopping the decoder once ``give_up_at`` (``time.monotonic``)
-    has passed or a JPEG's bytes so far hold more than ``scan_limit`` scans.
-    Pillow's decoders read a block at a time, so none runs long past either."""
+    has passed. Pillow's decoders read a block at a time, so none runs long past it."""
 
-    def __init__(self, inner: IO[bytes], give_up_at: float | None,
-                 scan_limit: int | None) -> None:
+    def __init__(self, inner: IO[bytes], give_up_at: float) -> None:
         super().__init__()
         self._inner = inner
         self._give_up_at = give_up_at
-        self._scan_limit = scan_limit
-        self._scans = 0
-        self._scanned_to = 0
-        self._last = b""
 
     def tell(self) -> int:
         return self._inner.tell()
@@ -837,21 +778,9 @@ class _GuardedReader(_Reader):
         return self._inner.seek(offset, whence)
 
     def read(self, size: int | None = -1) -> bytes:
-        if self._give_up_at is not None and time.monotonic() > self._give_up_at:
+        if time.monotonic() > self._give_up_at:
             raise _DeadlinePassed
-        position = self._inner.tell()
-        data = self._inner.read(-1 if size is None else size)
-        if self._scan_limit is not None and \
-                position <= self._scanned_to < position + len(data):
-            # Count each byte once, in file order (a re-read after a seek back is skipped).
-            fresh = data[self._scanned_to - position:]
-            self._scans += fresh.count(b"\xff\xda") + (
-                self._last == b"\xff" and fresh[:1] == b"\xda")
-            self._last = fresh[-1:]
-            self._scanned_to = position + len(data)
-            if self._scans > self._scan_limit:
-                raise _too_many_scans(self._scan_limit)
-        return data
+        return self._inner.read(-1 if size is None else size)
 
 
 @dataclass(frozen=True)
@@ -869,23 +798,18 @@ def _probe_header(src: _Source, max_pixels: int) -> ImageInfo:
     return info
 
 
-def _check_cost(src: _Source, info: ImageInfo, min_short: int | None, *, complete: bool,
-                streaming: bool) -> int | None:
+def _check_cost(src: _Source, info: ImageInfo, min_short: int | None, *,
+                streaming: bool) -> None:
     """Every check made before decoding beyond the pixel count: decode memory
-    (:data:`DECODE_MEMORY_BUDGET`) and, when the whole file is there, a JPEG's scans.
-    Returns the scans a JPEG whose bytes are still arriving may have, to count as it is
-    read (None for other formats, or when they were counted here)."""
+    (:data:`DECODE_MEMORY_BUDGET`) and a JPEG's scans."""
     need = working_bytes(src, info, min_short, streaming=streaming)
     if need > DECODE_MEMORY_BUDGET:
         raise _too_costly(info, need)
     if info.format != "JPEG":
-        return None
+        return
     limit = jpeg_scan_limit(src, info)
-    if not complete:
-        return limit
     if _count_jpeg_scans(src, limit) > limit:
         raise _too_many_scans(limit)
-    return None
 
 
 def header_of(data: str | bytes | memoryview, max_pixels: int) -> Header:
@@ -900,7 +824,7 @@ def header_of(data: str | bytes | memoryview, max_pixels: int) -> Header:
         else:
             src = _BufferSource(_byte_view(data))
         info = _probe_header(src, max_pixels)
-        _check_cost(src, info, None, complete=True, streaming=info.format != "BMP")
+        _check_cost(src, info, None, streaming=info.format != "BMP")
         return Header(info)
 
 
@@ -943,10 +867,9 @@ def _decode_file(
             # only be noise (or, under -W error, an exception of the wrong kind). Likewise its
             # UserWarnings about damaged metadata ("Corrupt EXIF data", "Tag data larger than
             # file"): a client's bad file is answered, not logged. (catch_warnings swaps the
-            # process-wide filter list, so decodes on concurrent threads, as a worker's
-            # decodes ahead are, may restore each other's filters: at worst a metadata
-            # warning reaches the log. Workers set no pixel limit of Pillow's, so no bomb
-            # warning can turn up in their place.)
+            # process-wide filter list, so decodes on concurrent threads may restore each
+            # other's filters: at worst a metadata warning reaches the log. Workers set no
+            # pixel limit of Pillow's, so no bomb warning can turn up in their place.)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             image = Image.open(fp, formats=[header.format])

@@ -54,34 +54,6 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
-class DecodeAhead:
-    """Start decoding an upload's spool file while its bytes still arrive (in order, from the
-    start), so that its job, once queued, finds the image decoded. ``job_id`` is the job the
-    upload will become."""
-
-    job_id: str
-    task: str
-    path: str
-    size: int
-    max_pixels: int
-
-
-@dataclass(frozen=True)
-class BytesArrived:
-    """The first ``received`` bytes of a :class:`DecodeAhead`'s file are in place."""
-
-    job_id: str
-    received: int
-
-
-@dataclass(frozen=True)
-class DropDecode:
-    """Stop and forget a :class:`DecodeAhead` (its upload ended, or its job went elsewhere)."""
-
-    job_id: str
-
-
-@dataclass(frozen=True)
 class ReleasePixels:
     """A tiled analysis ended: close the decoded image ``pixels`` names (its owner removes
     the file)."""
@@ -110,8 +82,6 @@ class JobDone:
     result: dict[str, Any]
     image: dict[str, Any]
     timings_ms: dict[str, float] = field(default_factory=dict)
-    decoded_ahead: bool = False
-    """The image was decoded while it arrived (:class:`DecodeAhead`)."""
 
 
 @dataclass(frozen=True)

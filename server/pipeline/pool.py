@@ -33,15 +33,10 @@ from typing import Any
 
 from chunking.errors import ErrorCode, ProtocolError
 from server.metrics import Metrics
-from server.pipeline.decode_ahead import MAX_DECODES_AHEAD
 from server.pipeline.jobs import (
     Batch,
-    BytesArrived,
-    DecodeAhead,
     Dispatched,
-    DropDecode,
     Job,
-    JobDone,
     JobFailed,
     Queued,
     ReleasePixels,
@@ -83,8 +78,6 @@ class _Worker:
     deadline: asyncio.TimerHandle | None = None
     """Kills the worker if its batch is not done in time (``job_timeout_s``)."""
     hung: bool = False
-    ahead: set[str] = field(default_factory=set)
-    """Job ids whose uploads this worker is decoding as they arrive."""
 
     @property
     def idle(self) -> bool:
@@ -123,7 +116,6 @@ class WorkerPool:
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._ready_changed = asyncio.Event()
-        self._ahead: dict[str, _Worker] = {}
         self._arrivals = ArrivalGaps()
         self.startup_error: str | None = None
         self.batches_sent = 0
@@ -257,40 +249,7 @@ class WorkerPool:
                 return
         # Running: the worker finishes it, and _on_event finds the ticket finished.
 
-    # Decoding ahead (see server.pipeline.decode_ahead) ----------------------------------------
-
-    def decode_ahead(self, job_id: str, task: str, path: str, size: int,
-                     max_pixels: int) -> bool:
-        """Have a worker decode the spool file at ``path`` while its bytes arrive; report them
-        with :meth:`bytes_arrived`. False when every worker already decodes its share."""
-        if job_id in self._ahead:
-            return True
-        candidates = [w for w in self._workers
-                      if w.ready and task in w.models and len(w.ahead) < MAX_DECODES_AHEAD]
-        if not candidates:
-            return False
-        worker = min(candidates, key=lambda w: (len(w.ahead), len(w.in_flight)))
-        worker.ahead.add(job_id)
-        self._ahead[job_id] = worker
-        self._post(worker, DecodeAhead(job_id, task, path, size, max_pixels))
-        return True
-
-    def bytes_arrived(self, job_id: str, received: int) -> None:
-        worker = self._ahead.get(job_id)
-        if worker is not None:
-            self._post(worker, BytesArrived(job_id, received))
-
-    def drop_decode(self, job_id: str) -> None:
-        """The upload ended without its job reaching the worker that decodes it ahead (a
-        no-op once the job has)."""
-        worker = self._ahead.pop(job_id, None)
-        if worker is not None:
-            worker.ahead.discard(job_id)
-            self._post(worker, DropDecode(job_id))
-            self._metrics.decodes_ahead.labels("dropped").inc()
-
-    def _post(self, worker: _Worker,
-              message: DecodeAhead | BytesArrived | DropDecode | ReleasePixels) -> None:
+    def _post(self, worker: _Worker, message: ReleasePixels) -> None:
         with contextlib.suppress(OSError):  # a dying worker: its reader reports the exit
             worker.conn.send(message)
 
@@ -327,10 +286,7 @@ class WorkerPool:
                     continue
                 take = tuple(runnable[i][0] for i in batch.take)
                 oldest = self._pending[take[0]].ticket.job
-                # The worker decoding the oldest job's image ahead takes it, when idle.
-                holder = self._ahead.get(oldest.job_id)
-                worker = holder if holder in idle else next(
-                    w for w in idle if oldest.task in w.models)
+                worker = next(w for w in idle if oldest.task in w.models)
                 self._send_batch(worker, take)
 
     def _fail_unserved(self) -> None:
@@ -353,12 +309,6 @@ class WorkerPool:
         self._pending = deque(p for index, p in enumerate(self._pending) if index not in chosen)
         now = time.monotonic()
         for pending in taken:
-            job_id = pending.ticket.job.job_id
-            if self._ahead.get(job_id) is worker:  # the worker takes its decode over
-                del self._ahead[job_id]
-                worker.ahead.discard(job_id)
-            else:
-                self.drop_decode(job_id)
             pending.attempts += 1
             worker.in_flight[pending.ticket.job.job_id] = pending
             pending.ticket.put(Dispatched(queue_ms=(now - pending.enqueued) * 1000))
@@ -398,8 +348,6 @@ class WorkerPool:
                     pending.ticket.put(StageReached([job_id], event.stage))
             return
         pending = worker.in_flight.pop(event.job_id, None)
-        if isinstance(event, JobDone) and event.decoded_ahead:
-            self._metrics.decodes_ahead.labels("used").inc()
         if pending is not None:
             pending.ticket.put(event)
         if not worker.in_flight:
@@ -428,9 +376,6 @@ class WorkerPool:
             return
         self._workers.remove(worker)
         self._clear_deadline(worker)
-        for job_id in worker.ahead:
-            self._ahead.pop(job_id, None)
-        worker.ahead.clear()
         worker.conn.close()
         self._metrics.workers_ready.set(self.workers_ready)
         if self._stopping:

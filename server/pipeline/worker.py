@@ -20,12 +20,8 @@ from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.logs import configure_from_environment
 from server.pipeline.decode import DecodedImage, decode
-from server.pipeline.decode_ahead import DecodesAhead
 from server.pipeline.jobs import (
     Batch,
-    BytesArrived,
-    DecodeAhead,
-    DropDecode,
     Job,
     JobDone,
     JobFailed,
@@ -102,19 +98,16 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     # own default limit (about 179 MP) would otherwise cap a larger configured max_pixels.
     Image.MAX_IMAGE_PIXELS = None
     analyzers = load_tasks(config)
-    ahead = DecodesAhead(analyzers)
     pixels = PixelCache()
     conn.send(WorkerReady(pid=os.getpid(), models={t: a.model.id for t, a in analyzers.items()}))
     try:
-        serve(conn, analyzers, ahead, pixels)
+        serve(conn, analyzers, pixels)
     finally:
-        ahead.close()
         pixels.close()
 
 
-def serve(conn: Connection, analyzers: Mapping[str, Task], ahead: DecodesAhead,
-          pixels: PixelCache) -> None:
-    """The worker's loop: batches and decodes ahead, until told to stop or the gateway goes."""
+def serve(conn: Connection, analyzers: Mapping[str, Task], pixels: PixelCache) -> None:
+    """The worker's loop: batches, until told to stop or the gateway goes."""
     while True:
         try:
             message = conn.recv()
@@ -122,15 +115,9 @@ def serve(conn: Connection, analyzers: Mapping[str, Task], ahead: DecodesAhead,
             return  # the gateway is gone
         if isinstance(message, Shutdown):
             return
-        if isinstance(message, BytesArrived):
-            ahead.arrived(message.job_id, message.received)
-        elif isinstance(message, Batch):
-            for event in run_batch(analyzers, message, ahead, pixels):
+        if isinstance(message, Batch):
+            for event in run_batch(analyzers, message, pixels):
                 conn.send(event)
-        elif isinstance(message, DecodeAhead):
-            ahead.start(message)
-        elif isinstance(message, DropDecode):
-            ahead.drop(message.job_id)
         elif isinstance(message, ReleasePixels):
             pixels.release(message.pixels)
 
@@ -143,7 +130,6 @@ class _Prepared:
     options: Any
     item: Any
     decode_ms: float
-    decoded_ahead: bool
 
 
 def _fault(job: Job, what: str) -> JobFailed:
@@ -151,12 +137,11 @@ def _fault(job: Job, what: str) -> JobFailed:
     return JobFailed(job.job_id, ErrorCode.INTERNAL, f"{what} failed on the server")
 
 
-def _prepare(analyzer: Task, job: Job, ahead: DecodesAhead | None, pixels: PixelCache,
-             started: float) -> tuple[TilesPlanned | None, _Prepared | None]:
+def _prepare(analyzer: Task, job: Job, pixels: PixelCache, started: float
+             ) -> tuple[TilesPlanned | None, _Prepared | None]:
     """One job's decoded pixels and model input; or, for a spatial task's large image, the
     tiles to run instead (:mod:`server.runtime.tiling`)."""
     options = parse_options(analyzer, job.options)
-    decoded_ahead = False
     if job.tile is not None:
         view, image = tiling.tile_view(job, pixels)
     else:
@@ -165,29 +150,20 @@ def _prepare(analyzer: Task, job: Job, ahead: DecodesAhead | None, pixels: Pixel
         if tiling.wants_tiles(analyzer, options):
             opened = open_pixels(source, max_pixels=job.max_pixels)  # reads the header only
             if tiling.needs_tiles(analyzer, opened.original):
-                if ahead is not None:
-                    ahead.drop(job.job_id)
                 return tiling.plan(job, analyzer, opened, pixels, started), None
             opened.close()
-        decoded: DecodedImage | None = None
-        if ahead is not None and job.image.path is not None:
-            decoded = ahead.take(job.job_id, job.image.path)
-            decoded_ahead = decoded is not None
-        if decoded is None:
-            decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode)
+        decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode)
         view = View.whole(decoded.image, displayed_size(decoded))
         image = decoded.info.to_dict()
     item = analyzer.preprocess(view, options)
     decode_ms = (time.perf_counter() - started) * 1000
-    return None, _Prepared(job, image, view, options, item, decode_ms, decoded_ahead)
+    return None, _Prepared(job, image, view, options, item, decode_ms)
 
 
 def run_batch(analyzers: Mapping[str, Task], batch: Batch,
-              ahead: DecodesAhead | None = None,
               pixels: PixelCache | None = None) -> Iterator[WorkerEvent]:
     """Decode, preprocess, predict and encode one batch; yields stage events and outcomes.
-    A job whose image ``ahead`` decoded while it arrived takes that image instead. A spatial
-    task's large image yields ``TilesPlanned`` (its tiles come back as jobs, read from
+    A spatial task's large image yields ``TilesPlanned`` (its tiles come back as jobs, read from
     ``pixels``: the worker's open images)."""
     prepared: list[_Prepared] = []
     own_pixels = pixels is None
@@ -202,7 +178,7 @@ def run_batch(analyzers: Mapping[str, Task], batch: Batch,
             yield StageReached([job.job_id], Stage.DECODING)
             started = time.perf_counter()
             try:
-                planned, ready = _prepare(analyzer, job, ahead, pixels, started)
+                planned, ready = _prepare(analyzer, job, pixels, started)
             except ProtocolError as exc:
                 yield JobFailed(job.job_id, exc.code, exc.message)
                 continue
@@ -250,5 +226,4 @@ def run_batch(analyzers: Mapping[str, Task], batch: Batch,
             yield _fault(p.job, "inference")
             continue
         timings = {"decode": round(p.decode_ms, 3), "inference": round(inference_ms, 3)}
-        yield JobDone(p.job.job_id, result=result, image=p.image, timings_ms=timings,
-                      decoded_ahead=p.decoded_ahead)
+        yield JobDone(p.job.job_id, result=result, image=p.image, timings_ms=timings)

@@ -707,59 +707,6 @@ async def test_results_are_bound_to_the_principal_that_asked(server_factory, ope
     assert answers == [False, False, True]
 
 
-# Decoding while the bytes arrive --------------------------------------------------------------
-
-
-def decodes_ahead(server: Any, outcome: str) -> float:
-    return server.state.metrics.registry.get_sample_value(
-        "pixelstream_decodes_ahead_total", {"outcome": outcome}) or 0.0
-
-
-async def test_a_large_upload_is_decoded_while_it_arrives(server_factory, open_client) -> None:
-    server = server_factory(decode_ahead_bytes=50_000)
-    data = make_image(640, 480, "JPEG", seed=21)
-    assert len(data) >= 50_000
-    async with open_client(server.ws_url) as client:
-        await client.send_upload("u1", data, chunk_size=16_384, options={"colors": 3})
-        ahead = await client.outcome("u1")
-        await client.send_upload("small", make_image(40, 30, seed=2))
-        assert (await client.outcome("small"))["type"] == "result"
-    assert ahead["type"] == "result", ahead
-    assert decodes_ahead(server, "used") == 1  # the small one was decoded as a job
-    assert decodes_ahead(server, "dropped") == 0
-    assert server.state.service.pool._ahead == {}
-
-
-async def test_a_cancelled_upload_stops_its_decode_ahead(server_factory, open_client) -> None:
-    server = server_factory(decode_ahead_bytes=50_000)
-    data = make_image(640, 480, "JPEG", seed=22)
-    async with open_client(server.ws_url) as client:
-        await client.upload("u1", len(data))
-        await client.expect("accepted", id="u1")
-        await client.chunk("u1", 0, data[:20_000])
-        await client.expect("progress", id="u1")
-        assert len(server.state.service.pool._ahead) == 1
-        await client.send({"type": "cancel", "id": "u1"})
-        await client.expect("cancelled", id="u1")
-    assert decodes_ahead(server, "dropped") == 1
-    assert server.state.service.pool._ahead == {}
-
-
-async def test_an_upload_answered_from_the_cache_drops_its_decode_ahead(server_factory,
-                                                                        open_client) -> None:
-    server = server_factory(decode_ahead_bytes=50_000)
-    data = make_image(640, 480, "JPEG", seed=23)
-    async with open_client(server.ws_url) as client:
-        await client.send_upload("first", data)
-        assert (await client.outcome("first"))["cached"] is False
-        await client.send_upload("again", data)  # no sha256 given: the bytes are sent again
-        again = await client.outcome("again")
-    assert again["cached"] is True
-    assert decodes_ahead(server, "used") == 1
-    assert decodes_ahead(server, "dropped") == 1
-    assert server.state.service.pool._ahead == {}
-
-
 async def test_one_client_cannot_reserve_the_whole_memory_budget(server_factory,
                                                                  open_client) -> None:
     """Declared uploads that never send hold nothing; the bytes a client does send count

@@ -23,7 +23,6 @@ SETTING_CASES: dict[str, tuple[str, Any]] = {
     "max_batch_size": ("16", 16),
     "max_wait_ms": ("2.5", 2.5),
     "max_queue": ("7", 7),
-    "decode_ahead_bytes": ("0", 0),
     "upload_idle_timeout_s": ("30", 30.0),
     "spool_dir": ("/var/spool/pixelstream", Path("/var/spool/pixelstream")),
     "cache_entries": ("0", 0),

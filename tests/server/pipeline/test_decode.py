@@ -942,71 +942,6 @@ def test_animated_images_give_their_first_frame(fmt: str, params: dict[str, obje
 
 
 # ------------------------------------------------------------------------------------------
-# Decoding while the bytes arrive (wait_for)
-
-
-class Arrival:
-    """A buffer that starts as garbage and receives the real file ``step`` bytes at a time,
-    only when the decoder asks (``wait_for``): any byte read before it was asked for is
-    garbage, and the decode fails or differs."""
-
-    def __init__(self, data: bytes, step: int, path: Path | None = None) -> None:
-        self.data = data
-        self.step = step
-        self.buffer = bytearray(b"\xa5" * len(data))
-        self.path = path
-        if path is not None:
-            path.write_bytes(self.buffer)
-        self.received = 0
-        self.asked: list[int] = []
-
-    def wait_for(self, end: int) -> None:
-        self.asked.append(end)
-        while self.received < end:
-            stop = min(len(self.data), self.received + self.step)
-            self.buffer[self.received:stop] = self.data[self.received:stop]
-            if self.path is not None:
-                with open(self.path, "r+b") as file:
-                    file.seek(self.received)
-                    file.write(self.data[self.received:stop])
-            self.received = stop
-
-
-@pytest.mark.parametrize("source", ["buffer", "file"])
-@pytest.mark.parametrize(("fmt", "hint"), [("JPEG", 64), ("PNG", 64), ("JPEG", None),
-                                            ("GIF", 64), ("BMP", None)])
-def test_a_decode_reads_only_bytes_that_have_arrived(fmt: str, hint: int | None, source: str,
-                                                     tmp_path: Path) -> None:
-    data = encode(pattern_image(900, 600, seed=4), fmt)
-    arrival = Arrival(data, step=4096, path=tmp_path / "arriving" if source == "file" else None)
-    # The same decoder on the whole file (any wait_for keeps a PNG with Pillow, which reads
-    # a piece at a time; with every byte there it goes to libvips).
-    whole = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(hint),
-                   wait_for=lambda end: None)
-    ahead = decode(arrival.path or memoryview(arrival.buffer), max_pixels=DEFAULT_MAX_PIXELS,
-                   hint=DecodeHint(hint), wait_for=arrival.wait_for)
-    assert ahead.info == whole.info
-    assert ahead.image.size == whole.image.size
-    assert ahead.image.tobytes() == whole.image.tobytes()
-    assert len(arrival.asked) > 2  # asked piece by piece, not for everything at once
-
-
-def test_a_decode_stopped_while_waiting_raises_the_waiters_exception() -> None:
-    data = encode(pattern_image(300, 200), "JPEG")
-
-    class Stop(Exception):
-        pass
-
-    def wait_for(end: int) -> None:
-        if end > 1000:
-            raise Stop
-
-    with pytest.raises(Stop):
-        decode(memoryview(bytearray(data)), max_pixels=DEFAULT_MAX_PIXELS,
-               hint=DecodeHint(64), wait_for=wait_for)
-
-
-# ------------------------------------------------------------------------------------------
 # Decode cost: bombs under max_pixels, bounded before decoding (memory, scans, time)
 
 
@@ -1074,16 +1009,6 @@ def test_large_jpegs_may_have_fewer_scans() -> None:
     assert MIN_JPEG_SCANS <= 24 <= MAX_JPEG_SCANS
 
 
-def test_scans_are_counted_while_the_bytes_arrive() -> None:
-    bomb = bad.progressive_jpeg_claiming(2000, 2000, extra_scans=10000)  # 340 KB
-    arrival = Arrival(bomb, step=4096)
-    error = expect_error(ErrorCode.TOO_MANY_PIXELS, lambda: decode(
-        memoryview(arrival.buffer), max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(64),
-        wait_for=arrival.wait_for))
-    assert f"more than {MAX_JPEG_SCANS} scans" in error.message
-    assert arrival.received < len(bomb)  # stopped well before the end
-
-
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF"])
 def test_a_decode_past_its_deadline_is_stopped(fmt: str) -> None:
     data = encode(pattern_image(600, 400), fmt)
@@ -1107,11 +1032,12 @@ def test_every_decode_has_a_deadline_by_default() -> None:
     pattern_image(640, 480).quantize(64),
 ], ids=["rgb", "rgba", "grey16", "palette"])
 @pytest.mark.parametrize("short", [100, None])
-def test_streamed_png_matches_pillows_decode(image: Image.Image, short: int | None) -> None:
+def test_streamed_png_matches_pillows_decode(image: Image.Image, short: int | None,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     data = encode(image, "PNG")
     streamed = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(short))
-    by_pillow = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(short),
-                       wait_for=lambda end: None)  # data "arriving": Pillow reads it
+    monkeypatch.setattr(decode_module, "_STREAMED_FORMATS", frozenset())  # Pillow decodes it
+    by_pillow = decode(data, max_pixels=DEFAULT_MAX_PIXELS, hint=DecodeHint(short))
     assert streamed.info == by_pillow.info
     assert streamed.image.size == by_pillow.image.size
     assert streamed.image.mode == "RGB"

@@ -463,12 +463,9 @@ async def test_stop_terminates_every_worker(make_pool: PoolFactory, gate_path: s
             assert isinstance(await job.outcome(), JobFailed)
 
 
-async def test_stop_lets_idle_workers_exit(make_pool: PoolFactory, tmp_path: Path) -> None:
+async def test_stop_lets_idle_workers_exit(make_pool: PoolFactory) -> None:
     pool = await make_pool(workers=2)
     assert isinstance(await submit(pool).outcome(), JobDone)
-    # A decode ahead still waiting for bytes does not hold its worker back.
-    assert pool.decode_ahead("u-1", "colors", str(arriving_file(tmp_path)), len(JPEG),
-                             MAX_PIXELS)
     pids = pool.worker_pids
     started = time.monotonic()
     async with asyncio.timeout(WAIT_S):
@@ -493,100 +490,3 @@ async def test_a_worker_that_cannot_load_its_model_fails_jobs_internal(
     with pytest.raises(ProtocolError) as caught:
         submit(pool, "broken", options={})
     assert caught.value.code is ErrorCode.INTERNAL
-
-
-# Decoding ahead ------------------------------------------------------------------------------
-
-JPEG = make_image(400, 300, "JPEG", seed=5)
-
-
-def arriving_file(tmp_path: Path) -> Path:
-    """An upload's spool file before any byte arrived: its size, its content garbage."""
-    path = tmp_path / "upload"
-    path.write_bytes(b"\xa5" * len(JPEG))
-    return path
-
-
-def write(path: Path, start: int, end: int) -> int:
-    with open(path, "r+b") as file:
-        file.seek(start)
-        file.write(JPEG[start:end])
-    return end
-
-
-def decodes_ahead(metrics: Metrics, outcome: str) -> float:
-    return metrics.registry.get_sample_value(
-        "pixelstream_decodes_ahead_total", {"outcome": outcome}) or 0.0
-
-
-async def test_an_upload_decoded_while_it_arrives_gives_its_job_the_same_result(
-    make_pool: PoolFactory, tmp_path: Path
-) -> None:
-    metrics = Metrics()
-    pool = await make_pool(metrics=metrics)
-    path = arriving_file(tmp_path)
-    assert pool.decode_ahead("u-9", "colors", str(path), len(JPEG), MAX_PIXELS)
-    half = len(JPEG) // 2
-    pool.bytes_arrived("u-9", write(path, 0, half))
-    write(path, half, len(JPEG))  # the last chunk: the job itself says every byte is in
-    ahead = Events(pool.submit("colors", {"colors": 3}, ImageRef(size=len(JPEG), path=str(path)),
-                               MAX_PIXELS, job_id="u-9"))
-    here = submit(pool, image=inline(JPEG))
-    by_ahead, by_here = await ahead.outcome(), await here.outcome()
-    assert isinstance(by_ahead, JobDone)
-    assert isinstance(by_here, JobDone)
-    assert by_ahead.decoded_ahead
-    assert not by_here.decoded_ahead
-    assert by_ahead.result == by_here.result
-    assert by_ahead.image == by_here.image == {"width": 400, "height": 300, "format": "JPEG"}
-    assert decodes_ahead(metrics, "used") == 1
-    assert decodes_ahead(metrics, "dropped") == 0
-
-
-async def test_a_dropped_decode_ahead_leaves_the_job_to_decode(make_pool: PoolFactory,
-                                                               tmp_path: Path) -> None:
-    metrics = Metrics()
-    pool = await make_pool(metrics=metrics)
-    path = arriving_file(tmp_path)
-    assert pool.decode_ahead("u-9", "colors", str(path), len(JPEG), MAX_PIXELS)
-    pool.drop_decode("u-9")
-    pool.drop_decode("u-9")  # twice: once counted
-    write(path, 0, len(JPEG))
-    job = Events(pool.submit("colors", {"colors": 3}, ImageRef(size=len(JPEG), path=str(path)),
-                             MAX_PIXELS, job_id="u-9"))
-    done = await job.outcome()
-    assert isinstance(done, JobDone)
-    assert not done.decoded_ahead
-    assert decodes_ahead(metrics, "dropped") == 1
-    assert decodes_ahead(metrics, "used") == 0
-
-
-async def test_a_job_whose_decoding_worker_is_busy_runs_on_another(
-    make_pool: PoolFactory, gate_path: str, tmp_path: Path
-) -> None:
-    metrics = Metrics()
-    pool = await make_pool(workers=2, metrics=metrics)
-    path = arriving_file(tmp_path)
-    assert pool.decode_ahead("u-9", "colors", str(path), len(JPEG), MAX_PIXELS)
-    write(path, 0, len(JPEG))
-    with gate_closed(gate_path):
-        held = await hold(pool)  # on the worker decoding ahead: the first idle one
-        job = Events(pool.submit("colors", {"colors": 3},
-                                 ImageRef(size=len(JPEG), path=str(path)), MAX_PIXELS,
-                                 job_id="u-9"))
-        done = await job.outcome()
-    assert isinstance(done, JobDone)
-    assert not done.decoded_ahead
-    assert decodes_ahead(metrics, "dropped") == 1
-    assert isinstance(await held.outcome(), JobDone)
-
-
-async def test_each_worker_decodes_at_most_its_share_ahead(make_pool: PoolFactory,
-                                                            tmp_path: Path) -> None:
-    pool = await make_pool()
-    path = arriving_file(tmp_path)
-    started = [pool.decode_ahead(f"u-{n}", "colors", str(path), len(JPEG), MAX_PIXELS)
-               for n in range(4)]
-    assert started == [True, True, False, False]
-    pool.drop_decode("u-0")
-    assert pool.decode_ahead("u-5", "colors", str(path), len(JPEG), MAX_PIXELS)

@@ -12,10 +12,8 @@ from pydantic import ConfigDict
 
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
-from server.pipeline.decode_ahead import DecodesAhead
 from server.pipeline.jobs import (
     Batch,
-    DecodeAhead,
     Job,
     JobDone,
     JobFailed,
@@ -265,22 +263,3 @@ def test_load_tasks_sets_each_task_up_on_its_device() -> None:
     assert list(loaded) == ["colors", "fake"]
     assert loaded["fake"] is fake
     assert fake.loaded
-
-
-def test_a_job_takes_the_image_its_worker_decoded_ahead(tmp_path: Path) -> None:
-    data = make_image(40, 10, "JPEG", seed=40)  # only JPEGs are decoded ahead
-    path = tmp_path / "upload"
-    path.write_bytes(data)
-    analyzer = FakeAnalyzer()
-    ahead = DecodesAhead({"fake": analyzer})  # type: ignore[dict-item]
-    ahead.start(DecodeAhead("7", "fake", str(path), len(data), MAX_PIXELS))
-    image = ImageRef(size=len(data), path=str(path))
-    jobs = [Job("7", "fake", {}, image, MAX_PIXELS), Job("8", "fake", {}, image, MAX_PIXELS)]
-    done = outcomes(list(run_batch({"fake": analyzer}, Batch(jobs), ahead)))
-    decoded_ahead, decoded_here = done["7"], done["8"]  # type: ignore[index]
-    assert isinstance(decoded_ahead, JobDone)
-    assert isinstance(decoded_here, JobDone)
-    assert decoded_ahead.decoded_ahead
-    assert not decoded_here.decoded_ahead
-    assert decoded_ahead.result == decoded_here.result == {"value": 400, "options": {}}
-    assert len(ahead) == 0
