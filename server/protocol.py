@@ -113,11 +113,14 @@ class ServerConnection:
     async def receive_binary(self, data: bytes) -> None:
         await self._receive(lambda: parse_client_binary(data, self.app.limits), len(data))
 
-    def data_to_send(self) -> list[str]:
-        """The text frames queued since the last call, in order."""
-        frames = list(self._outgoing)
-        self._outgoing.clear()
-        return frames
+    def data_to_send(self, limit: int | None = None) -> list[str]:
+        """The text frames queued since the last call, in order; at most ``limit`` of them
+        (the rest stay queued and count in :attr:`pending`)."""
+        if limit is None or limit >= len(self._outgoing):
+            frames = list(self._outgoing)
+            self._outgoing.clear()
+            return frames
+        return [self._outgoing.popleft() for _ in range(limit)]
 
     @property
     def pending(self) -> int:

@@ -111,7 +111,6 @@ class Sender:
         self._ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
-        self._frames: list[str] = []
 
     def wake(self) -> None:
         """The connection queued something (its ``on_output``)."""
@@ -129,9 +128,10 @@ class Sender:
             while True:
                 await self._ready.wait()
                 self._ready.clear()
-                while frames := self.connection.data_to_send():
-                    for frame in frames:
-                        await websocket.send_text(frame)
+                # A frame at a time: what the peer has not taken yet stays queued, so the
+                # connection's pending count is what this socket holds for a slow reader.
+                while frames := self.connection.data_to_send(limit=1):
+                    await websocket.send_text(frames[0])
                     if self.connection.pending <= self.high_water // 2:
                         self._drained.set()
         finally:

@@ -201,3 +201,20 @@ async def test_a_known_checksum_is_answered_from_the_cache_without_bytes(parts) 
     assert (accepted["offset"], result["cached"]) == (4, True)
     assert result["result"] == {"colors": ["blue"]}
     assert len(queue.tickets) == 1
+
+
+async def test_frames_are_taken_in_order_at_most_limit_at_a_time(parts) -> None:
+    """The sender takes a frame at a time, so what a slow peer has not taken stays pending."""
+    state, _, clock = parts
+    peer = Peer(state, clock)
+    peer.connection.start()
+    for _ in range(3):
+        await peer.connection.receive_text("not json")
+    assert peer.connection.pending == 4  # welcome, then one error per message
+    first = peer.connection.data_to_send(limit=1)
+    assert [orjson.loads(frame)["type"] for frame in first] == ["welcome"]
+    assert peer.connection.pending == 3
+    rest = peer.connection.data_to_send(limit=10)
+    assert [orjson.loads(frame)["code"] for frame in rest] == ["bad_message"] * 3
+    assert peer.connection.pending == 0
+    assert peer.connection.data_to_send(limit=1) == []
