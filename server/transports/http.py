@@ -23,13 +23,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chunking.errors import ErrorCode, ProtocolError
 from server import bounded_json
-from server.auth import TokenAuth, origin_allowed, presented_token
 from server.errors import error_response
-from server.limits import Reservation, client_key
+from server.limits import Reservation
 from server.logs import current_context, log_context
 from server.state import AppState
 from server.storage.base import ImageRef
 from server.tasks.contract import Task
+from server.transports.callers import http_caller, http_caller_address
 
 router = APIRouter()
 log = logging.getLogger("pixelstream.http")
@@ -54,20 +54,13 @@ class BodyTimeout(Exception):
 async def _guard(request: Request, app: AppState) -> str | None:
     """Origin, token (when configured), per-client rate limit and capacity, before the body
     is read. Returns the caller's principal (None without tokens)."""
-    if not origin_allowed(request.headers.get("origin"), request.headers.get("host"),
-                          app.settings.allowed_origins):
-        raise ProtocolError(ErrorCode.FORBIDDEN_ORIGIN, "this origin may not use the API")
-    auth: TokenAuth = request.app.state.auth
-    principal = auth.principal(presented_token(request.headers, request.query_params))
-    if auth.required and principal is None:
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "a valid API token is required")
-    address = client_key(request.client.host if request.client else "unknown")
-    wait_ms = app.http_buckets.take(address)
+    caller = http_caller(request, app, "use the API")
+    wait_ms = app.http_buckets.take(caller.address)
     if wait_ms:
         raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests", retry_after_ms=wait_ms)
     app.service.check_capacity()
-    await app.client_limits.upload_started(principal or address)
-    return principal
+    await app.client_limits.upload_started(caller.client)
+    return caller.principal
 
 
 def _declared_length(request: Request, limit: int) -> int:
@@ -86,7 +79,7 @@ def _declared_length(request: Request, limit: int) -> int:
 def _reservation(request: Request, app: AppState, principal: str | None) -> Reservation:
     """The request's hold on the memory budget, taken as its bytes arrive, counted against
     its client's share (the principal, else the address)."""
-    client = principal or client_key(request.client.host if request.client else "unknown")
+    client = principal or http_caller_address(request)
     return Reservation(app.budget, client, app.service.pool.retry_after_ms)
 
 

@@ -36,11 +36,12 @@ from chunking.codec import encode_server
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Error, Progress, Result, Stage
 from chunking.reassembler import Appended, UploadState
-from server.auth import TokenAuth, origin_allowed, presented_token
+from server.auth import origin_allowed
 from server.errors import HTTP_STATUS, error_response
-from server.limits import KeyedBuckets, client_key
+from server.limits import KeyedBuckets
 from server.state import AppState
 from server.storage.locks import Lease
+from server.transports.callers import http_caller
 from server.uploads import Caller, LiveUpload, UploadRequest
 
 router = APIRouter()
@@ -126,20 +127,13 @@ def _request_buckets(request: Request, app: AppState) -> KeyedBuckets:
 def _guard(request: Request, app: AppState, *, creating: bool = False) -> Caller:
     """Origin, token and the per-address request rate: creations count as the one-shot
     routes' requests do, the rest as a socket's messages."""
-    if not origin_allowed(request.headers.get("origin"), request.headers.get("host"),
-                          app.settings.allowed_origins):
-        raise ProtocolError(ErrorCode.FORBIDDEN_ORIGIN, "this origin may not upload here")
-    auth: TokenAuth = request.app.state.auth
-    principal = auth.principal(presented_token(request.headers, request.query_params))
-    if auth.required and principal is None:
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "a valid API token is required")
-    address = client_key(request.client.host if request.client else "unknown")
-    wait_ms = _request_buckets(request, app).take(address)
+    caller = http_caller(request, app, "upload here")
+    wait_ms = _request_buckets(request, app).take(caller.address)
     if creating and not wait_ms:
-        wait_ms = app.http_buckets.take(address)
+        wait_ms = app.http_buckets.take(caller.address)
     if wait_ms:
         raise ProtocolError(ErrorCode.RATE_LIMITED, "too many requests", retry_after_ms=wait_ms)
-    return Caller(principal=principal, client=principal or address)
+    return Caller(principal=caller.principal, client=caller.client)
 
 
 async def _answer(request: Request, handle: Callable[[AppState], Awaitable[Response]],
