@@ -120,13 +120,16 @@ class AnalysisService:
         self.metrics.cache.labels("hit" if payload is not None else "miss").inc()
         return payload
 
-    def check_capacity(self) -> None:
-        """Raise ProtocolError(busy) when the queue cannot take more work now."""
+    def check_capacity(self, task: str | None = None) -> None:
+        """Raise ProtocolError(busy) when the queue cannot take more work now (or no worker
+        serves ``task``, if given)."""
         if self.pool.depth >= self.pool.max_queue:
             raise ProtocolError(
                 ErrorCode.BUSY, "the server is at capacity",
                 retry_after_ms=self.pool.retry_after_ms(),
             )
+        if task is not None:
+            self.pool.check_served(task)
 
     async def run(
         self,

@@ -136,7 +136,8 @@ async def _shared_backends(settings: Settings, registry: Registry, metrics: Metr
                              client_bytes=shared_client_share(total, settings.max_image_bytes))
     cache = TieredResultCache(LruResultCache(settings.cache_entries),
                               RedisResultCache(redis, ttl_s=settings.result_ttl_s))
-    queue = RedisJobQueue(redis, max_queue=settings.max_queue, metrics=metrics)
+    queue = RedisJobQueue(redis, max_queue=settings.max_queue, metrics=metrics,
+                          tasks=[entry.task.name for entry in registry.entries])
     workers = LocalStreamWorkers(stream_worker_config(settings, registry), settings.workers)
     await workers.start()
     stack.push_async_callback(workers.stop)

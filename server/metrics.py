@@ -37,6 +37,14 @@ class Metrics:
         self.workers_ready = Gauge(
             "pixelstream_workers_ready", "Inference workers with their models loaded", registry=r
         )
+        self.task_queue_depth = Gauge(
+            "pixelstream_task_queue_depth", "Jobs waiting for an inference worker, by task",
+            ["task"], registry=r,
+        )
+        self.task_workers_ready = Gauge(
+            "pixelstream_task_workers_ready", "Inference workers that serve a task, by task",
+            ["task"], registry=r,
+        )
         self.stage_seconds = Histogram(
             "pixelstream_stage_seconds", "Time spent per stage", ["stage"],
             buckets=_LATENCY_BUCKETS, registry=r,

@@ -191,7 +191,7 @@ class UploadService:
         app = self.app
         service = app.service
         spec, options = service.resolve(request.task, request.options)
-        service.check_capacity()
+        service.check_capacity(spec.name)
         await app.client_limits.upload_started(caller.client)
         meta = UploadMeta(
             upload_id=request.upload_id, size=request.size, task=spec.name, options=options,

@@ -185,6 +185,17 @@ class WorkerPool:
         return [sorted(w.models) for w in self._workers if w.ready]
 
     @property
+    def unserved_tasks(self) -> list[str]:
+        """Tasks that no ready worker has loaded (yet: the supervisor starts every slot's
+        worker, and replaces one that dies)."""
+        loaded = {task for worker in self._workers if worker.ready for task in worker.models}
+        return [task.name for task in self._config.tasks if task.name not in loaded]
+
+    def check_served(self, task: str) -> None:
+        """Every task is placed on a slot whose worker is started and replaced here: its jobs
+        wait for it rather than being refused."""
+
+    @property
     def worker_pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 

@@ -1,16 +1,21 @@
-"""The shared job queue, gateway side: jobs go into a Redis stream, events come back on the
-gateway's own stream.
+"""The shared job queue, gateway side: jobs go into a Redis stream per task, events come back
+on the gateway's own stream.
 
-A job is one stream entry (``keys.JOBS``) read by a consumer group of workers
-(:mod:`server.pipeline.stream_worker`); a worker that dies holding one loses nothing, as
-another claims it after ``claim_idle_ms`` (XAUTOCLAIM). Events for a job go to the gateway
-named by ``keys.job_reply(job_id)``, which a gateway re-points at itself when a client resumes
-there; the final event is also kept under ``keys.job_outcome`` so it is never missed. A job
-run twice still yields one outcome: a Ticket takes the first.
+A job is one entry of its task's stream (``keys.task_jobs``), read by a consumer group of the
+workers that serve the task (:mod:`server.pipeline.stream_worker`); a worker that dies holding
+one loses nothing, as another worker serving the task claims it after ``claim_idle_ms``
+(XAUTOCLAIM). Workers' heartbeats name the tasks they serve: a job of a task that no live
+worker serves is refused ``busy`` at once rather than left waiting in its stream.
 
-Queue positions are real across gateways: each job takes a sequence number from
-``keys.JOBS_ADDED`` as it is queued, workers count what they take in ``keys.JOBS_TAKEN``,
-and a job's position is its number minus the taken count, sampled a few times a second.
+Events for a job go to the gateway named by ``keys.job_reply(job_id)``, which a gateway
+re-points at itself when a client resumes there; the final event is also kept under
+``keys.job_outcome`` so it is never missed. A job run twice still yields one outcome: a
+Ticket takes the first.
+
+Queue positions are real across gateways, per task: each job takes a sequence number from
+its task's ``keys.task_jobs_added`` as it is queued, workers count what they take in
+``keys.task_jobs_taken``, and a job's position is its number minus the taken count, sampled
+a few times a second.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -54,6 +60,9 @@ local generation = redis.call('GET', KEYS[5])
 if not generation then
   generation = ARGV[6]
   redis.call('SET', KEYS[5], generation)
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[7], '0', 'MKSTREAM')
 end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
@@ -138,7 +147,8 @@ def decode_event(job_id: str, raw: bytes) -> JobEvent:
 
 
 class _Followed:
-    """A job this gateway follows: its ticket and, while queued, its sequence number."""
+    """A job this gateway follows: its ticket and, while queued, its sequence number (in its
+    task's stream)."""
 
     __slots__ = ("entry_id", "generation", "position", "seq", "ticket")
 
@@ -152,18 +162,24 @@ class _Followed:
 
 class RedisJobQueue:
     def __init__(self, redis: aioredis.Redis, *, max_queue: int,
-                 metrics: Metrics | None = None, gateway_id: str | None = None) -> None:
+                 metrics: Metrics | None = None, gateway_id: str | None = None,
+                 tasks: Sequence[str] = ()) -> None:
         self._redis = redis
         self.max_queue = max_queue
         self._metrics = metrics or Metrics()
         self.gateway_id = gateway_id or secrets.token_hex(8)
         self._events_key = keys.gateway_events(self.gateway_id)
         self._followed: dict[str, _Followed] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background: list[asyncio.Task[None]] = []
         self._enqueue = redis.register_script(_ENQUEUE)
         self._withdraw = redis.register_script(_WITHDRAW)
-        self._depth = 0
-        self._taken = 0
+        self.tasks: list[str] = list(dict.fromkeys(tasks))
+        """The tasks this gateway offers (and any other it queued a job of): their streams'
+        depths and workers are sampled."""
+        self._depths: dict[str, int] = {}
+        self._taken: dict[str, int] = {}
+        self._serving: dict[str, int] = {}
+        """Per task, the live workers that serve it (as last sampled)."""
         self._workers_ready = 0
         self._reachable = False
         self._ready_changed = asyncio.Event()
@@ -173,7 +189,12 @@ class RedisJobQueue:
 
     @property
     def depth(self) -> int:
-        return self._depth
+        """Jobs waiting, every task's together (``max_queue`` bounds this)."""
+        return sum(self._depths.values())
+
+    def depth_of(self, task: str) -> int:
+        """Jobs of ``task`` waiting."""
+        return self._depths.get(task, 0)
 
     @property
     def workers_ready(self) -> int:
@@ -183,8 +204,25 @@ class RedisJobQueue:
     def ready(self) -> bool:
         return self.workers_ready > 0
 
+    def workers_serving(self, task: str) -> int:
+        """Live workers that serve ``task`` (0 while Redis is unreachable)."""
+        return self._serving.get(task, 0) if self._reachable else 0
+
+    @property
+    def unserved_tasks(self) -> list[str]:
+        """The tasks no live worker serves."""
+        return [task for task in self.tasks if not self.workers_serving(task)]
+
+    def check_served(self, task: str) -> None:
+        """Raise ProtocolError(busy) when no live worker serves ``task``: its jobs would only
+        wait in the stream. Not while Redis is unreachable (submitting says so itself)."""
+        if self._reachable and not self._serving.get(task):
+            raise ProtocolError(
+                ErrorCode.BUSY, f"no inference worker serves the task '{task}' now; retry later",
+                retry_after_ms=max(1000, self.retry_after_ms()))
+
     def retry_after_ms(self) -> int:
-        return 250 + 50 * self._depth // max(1, self._workers_ready)
+        return 250 + 50 * self.depth // max(1, self._workers_ready)
 
     async def wait_ready(self, workers: int = 1) -> None:
         """Wait until ``workers`` workers send heartbeats."""
@@ -192,18 +230,24 @@ class RedisJobQueue:
             self._ready_changed.clear()
             await self._ready_changed.wait()
 
+    async def wait_served(self, task: str, workers: int = 1) -> None:
+        """Wait until ``workers`` live workers serve ``task``."""
+        while self.workers_serving(task) < workers:
+            self._ready_changed.clear()
+            await self._ready_changed.wait()
+
     async def start(self) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await ensure_group(self._redis)
-        self._tasks = [
+            await ensure_groups(self._redis, self.tasks)
+        self._background = [
             asyncio.create_task(self._read_events(), name="queue-events"),
             asyncio.create_task(self._sample(), name="queue-sampler"),
         ]
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        for task in self._tasks:
+        for task in self._background:
             task.cancel()
-        for task in self._tasks:
+        for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for followed in list(self._followed.values()):
@@ -215,22 +259,27 @@ class RedisJobQueue:
 
     def submit(self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
                *, job_id: str | None = None, tile: TileSpec | None = None) -> Ticket:
-        if tile is None and self._depth >= self.max_queue:
-            raise ProtocolError(ErrorCode.BUSY, "the inference queue is full",
-                                retry_after_ms=self.retry_after_ms())
+        if tile is None:  # a tile's image was admitted already: its tiles are never refused
+            if self.depth >= self.max_queue:
+                raise ProtocolError(ErrorCode.BUSY, "the inference queue is full",
+                                    retry_after_ms=self.retry_after_ms())
+            self.check_served(task)
+        if task not in self.tasks:
+            self.tasks.append(task)
         job = Job(job_id or secrets.token_hex(12), task, options, image, max_pixels, tile)
         followed = self._follow(job)
-        followed_task = asyncio.create_task(self._send(followed), name="queue-send")
-        self._tasks.append(followed_task)
-        followed_task.add_done_callback(self._tasks.remove)
+        self._in_background(self._send(followed), "queue-send")
         return followed.ticket
 
     def attach(self, job_id: str) -> Ticket:
         followed = self._follow(Job(job_id, "", {}, ImageRef(size=0), 0))
-        attach_task = asyncio.create_task(self._redirect(followed), name="queue-attach")
-        self._tasks.append(attach_task)
-        attach_task.add_done_callback(self._tasks.remove)
+        self._in_background(self._redirect(followed), "queue-attach")
         return followed.ticket
+
+    def _in_background(self, work: Any, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._background.append(task)
+        task.add_done_callback(self._background.remove)
 
     def _follow(self, job: Job) -> _Followed:
         followed = _Followed(Ticket(job, self._cancel))
@@ -242,10 +291,11 @@ class RedisJobQueue:
         body, data = encode_job(job)
         try:
             seq, entry_id, taken, generation = await self._enqueue(
-                keys=[keys.JOBS_ADDED, keys.JOBS, keys.job_reply(job.job_id), keys.JOBS_TAKEN,
+                keys=[keys.task_jobs_added(job.task), keys.task_jobs(job.task),
+                      keys.job_reply(job.job_id), keys.task_jobs_taken(job.task),
                       keys.GENERATION],
                 args=[body, data, self.gateway_id, keys.JOB_TTL_S, time.time(),
-                      secrets.token_hex(8)],
+                      secrets.token_hex(8), keys.JOBS_GROUP],
             )
         except (RedisError, OSError):
             self._finish(job.job_id, JobFailed(job.job_id, ErrorCode.BUSY,
@@ -273,15 +323,15 @@ class RedisJobQueue:
     def _cancel(self, ticket: Ticket) -> None:
         followed = self._followed.pop(ticket.job.job_id, None)
         if followed is not None and followed.entry_id is not None:
-            withdraw = asyncio.create_task(self._withdraw_entry(followed.entry_id))
-            self._tasks.append(withdraw)
-            withdraw.add_done_callback(self._tasks.remove)
+            self._in_background(self._withdraw_entry(ticket.job.task, followed.entry_id),
+                                "queue-withdraw")
 
-    async def _withdraw_entry(self, entry_id: bytes) -> None:
+    async def _withdraw_entry(self, task: str, entry_id: bytes) -> None:
         # Not yet taken by a worker: it leaves the stream (and counts as taken, for
         # positions). Taken already: the worker runs it and the outcome is ignored.
         with contextlib.suppress(RedisError, OSError):
-            await self._withdraw(keys=[keys.JOBS, keys.JOBS_TAKEN], args=[entry_id])
+            await self._withdraw(keys=[keys.task_jobs(task), keys.task_jobs_taken(task)],
+                                 args=[entry_id])
 
     def _finish(self, job_id: str, event: JobEvent) -> None:
         followed = self._followed.pop(job_id, None)
@@ -329,31 +379,38 @@ class RedisJobQueue:
             await asyncio.sleep(SAMPLE_INTERVAL_S)
 
     async def _sample_once(self) -> None:
+        tasks = list(self.tasks)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.JOBS_ADDED)
-            pipe.get(keys.JOBS_TAKEN)
+            for task in tasks:
+                pipe.get(keys.task_jobs_added(task))
+                pipe.get(keys.task_jobs_taken(task))
             pipe.hgetall(keys.WORKERS)
             pipe.expire(self._events_key, keys.EVENTS_TTL_S)
             pipe.get(keys.GENERATION)
             replies: Any = await pipe.execute()
-        added, taken, workers, _, generation = replies
-        added, taken = int(added or 0), int(taken or 0)
+        counts, (workers, _, generation) = replies[:-3], replies[-3:]
         if generation is None:  # Redis is new or was restarted empty
-            await ensure_group(self._redis)
+            await ensure_groups(self._redis, tasks)
             await self._redis.set(keys.GENERATION, secrets.token_hex(8), nx=True)
             generation = await self._redis.get(keys.GENERATION)
         self._fail_lost(generation)
-        self._taken = taken
-        self._depth = max(0, added - taken)
-        self._metrics.queue_depth.set(self._depth)
-        now = time.time()
-        ready = sum(1 for beat in workers.values() if now - float(beat) < keys.WORKER_STALE_S)
-        if ready != self._workers_ready:
-            self._workers_ready = ready
+        for index, task in enumerate(tasks):
+            added, taken = int(counts[2 * index] or 0), int(counts[2 * index + 1] or 0)
+            self._taken[task] = taken
+            self._depths[task] = max(0, added - taken)
+            self._metrics.task_queue_depth.labels(task).set(self._depths[task])
+        self._metrics.queue_depth.set(self.depth)
+        ready, serving = live_workers(workers, time.time())
+        changed = ready != self._workers_ready or serving != self._serving
+        self._workers_ready, self._serving = ready, serving
+        if changed:
             self._ready_changed.set()
         self._metrics.workers_ready.set(self._workers_ready)
+        for task in tasks:
+            self._metrics.task_workers_ready.labels(task).set(serving.get(task, 0))
         for followed in self._followed.values():
             if followed.seq is not None:
+                taken = self._taken.get(followed.ticket.job.task, 0)
                 position = max(1, followed.seq - taken)
                 if position != followed.position:
                     followed.position = position
@@ -370,10 +427,36 @@ class RedisJobQueue:
                                            "the shared queue was reset; send the image again"))
 
 
-async def ensure_group(redis: aioredis.Redis) -> None:
-    """Create the workers' consumer group (and the stream) unless they exist."""
-    try:
-        await redis.xgroup_create(keys.JOBS, keys.JOBS_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+def heartbeat(tasks: Sequence[str], now: float) -> bytes:
+    """A worker's entry in ``keys.WORKERS``: when it last beat, and the tasks it serves."""
+    return orjson.dumps({"beat": now, "tasks": sorted(tasks)})
+
+
+def live_workers(beats: dict[bytes, bytes], now: float) -> tuple[int, dict[str, int]]:
+    """From ``keys.WORKERS``: how many workers beat lately, and per task how many of those
+    serve it. An entry that does not parse counts for nothing."""
+    ready = 0
+    serving: dict[str, int] = {}
+    for raw in beats.values():
+        try:
+            beat = orjson.loads(raw)
+            if now - float(beat["beat"]) >= keys.WORKER_STALE_S:
+                continue
+            tasks = [str(task) for task in beat["tasks"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        ready += 1
+        for task in tasks:
+            serving[task] = serving.get(task, 0) + 1
+    return ready, serving
+
+
+async def ensure_groups(redis: aioredis.Redis, tasks: Sequence[str]) -> None:
+    """Create the workers' consumer group (and the stream) of each task unless they exist."""
+    for task in tasks:
+        try:
+            await redis.xgroup_create(keys.task_jobs(task), keys.JOBS_GROUP, id="0",
+                                      mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise

@@ -1,12 +1,15 @@
 """The inference worker for the shared queue: ``pixelstream worker``, on any machine.
 
-Each worker process reads jobs from the Redis stream through the consumer group, batches
-them by the same policy as the in-process pool (:mod:`server.runtime.batching`), runs
-them with the same :func:`~server.pipeline.worker.run_batch` as in-process workers, and
+Each worker process reads jobs from the Redis streams of the tasks it serves (one stream
+per task, one XREADGROUP for them all) through their consumer groups, batches them by the
+same policy as the in-process pool (:mod:`server.runtime.batching`), runs them with the same
+:func:`~server.pipeline.worker.run_batch` as in-process workers, and
 sends each event to the gateway that follows the job. It acknowledges a job only after its
 outcome is published, so a worker killed mid-job loses nothing: another worker claims the
-job once it has been idle ``claim_idle_ms`` (XAUTOCLAIM) and runs it again; a job delivered
-``MAX_DELIVERIES`` times fails with ``internal`` instead of killing workers forever.
+job once it has been idle ``claim_idle_ms`` (XAUTOCLAIM, on the same task's stream: only a
+worker that serves the task) and runs it again; a job delivered ``MAX_DELIVERIES`` times
+fails with ``internal`` instead of killing workers forever. Its heartbeat names the tasks it
+serves, so gateways refuse at once a job that no worker would take.
 """
 
 from __future__ import annotations
@@ -26,9 +29,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-import orjson
 import redis as redis_sync
 from redis.exceptions import RedisError, ResponseError
 
@@ -45,7 +47,7 @@ from server.pipeline.jobs import (
     TilesPlanned,
     WorkerEvent,
 )
-from server.pipeline.redis_queue import decode_job, encode_event
+from server.pipeline.redis_queue import decode_job, encode_event, heartbeat
 from server.pipeline.worker import WorkerConfig, load_tasks, run_batch
 from server.runtime.batching import ArrivalGaps, BatchLimits, Limits, Waiting, next_batch
 from server.runtime.pixels import PixelCache, attach_possible
@@ -82,7 +84,12 @@ class StreamWorkerConfig:
                       dict(self.per_task or {}))
 
 
-Entry = tuple[bytes, dict[bytes, bytes]]
+class Entry(NamedTuple):
+    """A job as read from its task's stream."""
+
+    stream: str
+    entry_id: bytes
+    fields: dict[bytes, bytes]
 
 
 class StreamWorker:
@@ -103,6 +110,13 @@ class StreamWorker:
         self._waiting: list[tuple[Waiting, Entry]] = []
         """Jobs read from the stream that the batching policy has not run yet."""
         self._arrivals = ArrivalGaps()
+        self.streams: dict[str, str] = {keys.task_jobs(task): task for task in analyzers}
+        """The streams this worker reads (those of the tasks it serves), to their tasks."""
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks this worker serves (and loaded)."""
+        return sorted(self.analyzers)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -128,6 +142,9 @@ class StreamWorker:
     def step(self) -> int:
         """Run one batch: jobs claimed from dead workers first, else those the batching policy
         picks from the jobs read, reading more while it says to wait. The count run."""
+        if not self.streams:  # placed on no task (a tasks file's ``workers``): nothing to read
+            self._stopping.wait(BLOCK_MS / 1000)
+            return 0
         entries = self._claim_stale()
         if entries:
             self.process(entries)
@@ -157,42 +174,58 @@ class StreamWorker:
         for entry in entries:
             now = time.monotonic()
             self._arrivals.arrived(now)
-            task = orjson.loads(entry[1][b"job"]).get("task", "")
-            self._waiting.append((Waiting(str(task), now), entry))
+            self._waiting.append((Waiting(self.streams[entry.stream], now), entry))
 
     def _read(self, count: int, block_ms: int | None) -> list[Entry]:
-        """Up to ``count`` new jobs, waiting up to ``block_ms`` for the first (None: not)."""
+        """Up to ``count`` new jobs of each task, waiting up to ``block_ms`` for the first
+        (None: not)."""
         if count <= 0:
             return []
         try:
-            replies: Any = self.redis.xreadgroup(keys.JOBS_GROUP, self.name, {keys.JOBS: ">"},
-                                            count=count, block=block_ms)
+            replies: Any = self.redis.xreadgroup(
+                keys.JOBS_GROUP, self.name, dict.fromkeys(self.streams, ">"), count=count,
+                block=block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            ensure_group_sync(self.redis)  # Redis restarted empty
+            ensure_groups_sync(self.redis, self.tasks)  # Redis restarted empty
             return []
-        entries: list[Entry] = [entry for _, batch in replies or [] for entry in batch]
+        entries = [Entry(stream.decode(), entry_id, fields)
+                   for stream, batch in replies or [] for entry_id, fields in batch]
+        # Oldest first across the streams, as the batching policy serves the oldest's task.
+        entries.sort(key=lambda entry: float(entry.fields.get(b"enqueued", b"0")))
         if entries:
-            self.redis.incrby(keys.JOBS_TAKEN, len(entries))
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, batch in replies:
+                pipe.incrby(keys.task_jobs_taken(self.streams[stream.decode()]), len(batch))
+            pipe.execute()
         return entries
 
     def _claim_stale(self) -> list[Entry]:
-        """Jobs of workers that died holding them (checked once per claim interval)."""
+        """Jobs of workers that died holding them, from the streams of the tasks this worker
+        serves (checked once per claim interval)."""
         now = time.monotonic()
         if now - self._last_claim < self.config.claim_idle_ms / 2000:
             return []
         self._last_claim = now
-        try:
-            reply: Any = self.redis.xautoclaim(keys.JOBS, keys.JOBS_GROUP, self.name,
-                                          min_idle_time=self.config.claim_idle_ms,
-                                          start_id="0-0", count=self.config.max_batch_size)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            ensure_group_sync(self.redis)
-            return []
-        claimed: list[Entry] = [entry for entry in reply[1] if entry[1]]
+        streams = list(self.streams)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xautoclaim(stream, keys.JOBS_GROUP, self.name,
+                            min_idle_time=self.config.claim_idle_ms, start_id="0-0",
+                            count=self.config.max_batch_size)
+        replies: Any = pipe.execute(raise_on_error=False)
+        claimed: list[Entry] = []
+        for stream, reply in zip(streams, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                if "NOGROUP" not in str(reply):
+                    raise reply
+                ensure_groups_sync(self.redis, self.tasks)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            claimed += [Entry(stream, entry_id, fields) for entry_id, fields in reply[1]
+                        if fields]
         if claimed:
             log.warning("claimed %d job(s) from a worker that stopped answering", len(claimed))
         return claimed
@@ -201,24 +234,28 @@ class StreamWorker:
 
     def process(self, entries: Sequence[Entry]) -> None:
         by_task: dict[str, list[Job]] = defaultdict(list)
-        for entry_id, fields in entries:
-            job = self._admit(entry_id, fields)
+        for entry in entries:
+            job = self._admit(entry)
             if job is not None:
                 by_task[job.task].append(job)
         for jobs in by_task.values():
             for event in run_batch(self.analyzers, Batch(jobs), pixels=self.pixels):
                 self.publish(event)
-        ids = [entry_id for entry_id, _ in entries]
+        done: dict[str, list[bytes]] = defaultdict(list)
+        for entry in entries:
+            done[entry.stream].append(entry.entry_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(keys.JOBS, keys.JOBS_GROUP, *ids)
-        pipe.xdel(keys.JOBS, *ids)
+        for stream, ids in done.items():
+            pipe.xack(stream, keys.JOBS_GROUP, *ids)
+            pipe.xdel(stream, *ids)
         pipe.execute()
 
-    def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Job | None:
+    def _admit(self, entry: Entry) -> Job | None:
         """The job of one entry with its image in memory, or None if it failed already."""
+        fields = entry.fields
         job = decode_job(fields[b"job"], fields.get(b"data", b""))
         deliveries: Any = self.redis.xpending_range(
-            keys.JOBS, keys.JOBS_GROUP, entry_id, entry_id, 1)
+            entry.stream, keys.JOBS_GROUP, entry.entry_id, entry.entry_id, 1)
         if deliveries and deliveries[0]["times_delivered"] > MAX_DELIVERIES:
             self.publish(JobFailed(job.job_id, ErrorCode.INTERNAL,
                                    "the job stopped its workers repeatedly"))
@@ -258,7 +295,8 @@ class StreamWorker:
 
     def _beat(self) -> None:
         while not self._stopping.is_set():
-            with_suppressed(lambda: self.redis.hset(keys.WORKERS, self.name, time.time()))
+            with_suppressed(lambda: self.redis.hset(keys.WORKERS, self.name,
+                                                    heartbeat(self.tasks, time.time())))
             self._stopping.wait(HEARTBEAT_S)
 
 
@@ -267,12 +305,14 @@ def with_suppressed(call: Callable[[], object]) -> None:
         call()
 
 
-def ensure_group_sync(redis: redis_sync.Redis) -> None:
-    try:
-        redis.xgroup_create(keys.JOBS, keys.JOBS_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+def ensure_groups_sync(redis: redis_sync.Redis, tasks: Sequence[str]) -> None:
+    """Create the workers' consumer group (and the stream) of each task unless they exist."""
+    for task in tasks:
+        try:
+            redis.xgroup_create(keys.task_jobs(task), keys.JOBS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
 
 def stream_worker_main(config: StreamWorkerConfig) -> None:
@@ -290,8 +330,9 @@ def stream_worker_main(config: StreamWorkerConfig) -> None:
                                         devices=config.devices))
     worker = StreamWorker(config, analyzers)
     on_stop_request(worker.stop)
-    with_suppressed(lambda: ensure_group_sync(worker.redis))
-    log.info("worker %s ready: %s", worker.name, ", ".join(analyzers))
+    with_suppressed(lambda: ensure_groups_sync(worker.redis, worker.tasks))
+    log.info("worker %s ready, serving: %s", worker.name,
+             ", ".join(worker.tasks) or "no task (none is placed on it)")
     worker.run()
 
 

@@ -158,6 +158,14 @@ class JobQueue(Protocol):
     @property
     def workers_ready(self) -> int: ...
 
+    @property
+    def unserved_tasks(self) -> list[str]:
+        """The offered tasks that no ready worker serves now (as last known)."""
+
+    def check_served(self, task: str) -> None:
+        """Raise ProtocolError(busy) when a job of ``task`` would wait for a worker that may
+        never come (none serves it now, and none is on its way)."""
+
     def submit(
         self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
         *, job_id: str | None = None, tile: TileSpec | None = None,

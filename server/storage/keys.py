@@ -40,18 +40,35 @@ def result(cache_key: str) -> str:
     return f"{PREFIX}result:{cache_key}"
 
 
-# Jobs: one stream, one consumer group, two counters for queue positions.
-JOBS = PREFIX + "jobs"
+# Jobs: one stream (and consumer group) per task, with two counters for queue positions, so a
+# worker reads only the streams of the tasks it serves. Names carry ``tasks:`` (the layout of
+# earlier versions had one ``ps:jobs`` stream): gateways and workers of one version agree.
 JOBS_GROUP = "workers"
-JOBS_ADDED = PREFIX + "jobs:added"
-"""Counter: jobs ever queued (a job's sequence number is the value after its INCR)."""
-JOBS_TAKEN = PREFIX + "jobs:taken"
-"""Counter: jobs ever taken by a worker (or withdrawn). Position = sequence - taken."""
+
+
+def task_jobs(task: str) -> str:
+    """Stream: the jobs (tiles included) of one task, read by the ``workers`` group."""
+    return f"{PREFIX}tasks:{task}:jobs"
+
+
+def task_jobs_added(task: str) -> str:
+    """Counter: jobs of ``task`` ever queued (a job's sequence number is the value after its
+    INCR)."""
+    return f"{PREFIX}tasks:{task}:added"
+
+
+def task_jobs_taken(task: str) -> str:
+    """Counter: jobs of ``task`` ever taken by a worker (or withdrawn). Position = sequence -
+    taken."""
+    return f"{PREFIX}tasks:{task}:taken"
+
+
 GENERATION = PREFIX + "generation"
 """A random value set once per Redis lifetime: when it changes, Redis restarted empty and
 every job queued before is gone."""
-WORKERS = PREFIX + "workers"
-"""Hash: worker name → wall time of its last heartbeat."""
+WORKERS = PREFIX + "workers:serving"
+"""Hash: worker name → JSON ``{"beat": wall time of its last heartbeat, "tasks": [names it
+serves]}``."""
 
 
 def job_reply(job_id: str) -> str:

@@ -300,7 +300,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when a worker has its model loaded and the cache answers."""
+    """Ready when every task has a worker with its model loaded and the cache answers;
+    ``tasks_without_workers`` names the tasks that have none."""
     app = _state(request)
     pool = app.service.pool
     try:
@@ -309,10 +310,13 @@ async def readyz(request: Request) -> JSONResponse:
         )
     except Exception:
         cache_ok = store_ok = False
-    ready = pool.ready and cache_ok and store_ok and pool.startup_error is None
+    unserved = pool.unserved_tasks
+    ready = (pool.ready and not unserved and cache_ok and store_ok
+             and pool.startup_error is None)
     body = {
         "ready": ready,
         "workers_ready": pool.workers_ready,
+        "tasks_without_workers": unserved,
         "queue_depth": pool.depth,
         "cache": cache_ok,
         "store": store_ok,

@@ -123,9 +123,10 @@ class Cluster:
                                     max_batch_size=4, max_wait_ms=2, claim_idle_ms=1500)
         return spawn_worker(config)
 
-    def worker_holding(self, job_count: int = 1) -> int | None:
-        """The pid of the worker that holds the pending jobs (consumer names are host-pid)."""
-        pending = self.redis_server.client().xpending(keys.JOBS, keys.JOBS_GROUP)
+    def worker_holding(self, job_count: int = 1, task: str = "gate") -> int | None:
+        """The pid of the worker that holds the pending jobs of ``task`` (consumer names are
+        host-pid)."""
+        pending = self.redis_server.client().xpending(keys.task_jobs(task), keys.JOBS_GROUP)
         assert pending["pending"] == job_count, pending
         holders = [c["name"].decode() for c in pending["consumers"] or [] if c["pending"]]
         if not holders:

@@ -41,6 +41,13 @@ class ScriptedQueue:
     def workers_ready(self) -> int:
         return 1
 
+    @property
+    def unserved_tasks(self) -> list[str]:
+        return []
+
+    def check_served(self, task: str) -> None:
+        pass
+
     def submit(self, task: str, options: dict[str, Any], image: ImageRef, max_pixels: int,
                *, job_id: str | None = None) -> Ticket:
         job = Job(job_id=job_id or f"j{len(self.tickets)}", task=task, options=options,

@@ -370,7 +370,11 @@ async def test_a_job_whose_worker_dies_twice_fails_internal(make_pool: PoolFacto
 
 async def test_a_task_placed_on_one_worker_runs_only_there_while_others_run_the_rest(
         make_pool: PoolFactory, gate_path: str) -> None:
-    pool = await make_pool(workers=2, placement={"gate": 1})
+    pool = await make_pool(workers=2, placement={"gate": 1}, ready=False)
+    assert pool.unserved_tasks == ["colors", "gate"]  # nothing loaded yet
+    async with asyncio.timeout(WAIT_S):
+        await pool.wait_ready()
+    assert pool.unserved_tasks == []
     assert sorted(pool.worker_tasks) == [["colors"], ["colors", "gate"]]
     with gate_closed(gate_path):
         held = await hold(pool)  # on the one worker that loaded gate

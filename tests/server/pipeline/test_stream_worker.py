@@ -14,12 +14,18 @@ import pytest
 import redis as redis_sync
 from PIL import Image
 
-from server.pipeline.jobs import Job, JobDone, TileSpec, TilesPlanned
+from server.pipeline.jobs import Job, JobDone, JobFailed, TileSpec, TilesPlanned
 from server.pipeline.redis_queue import decode_event, encode_job
-from server.pipeline.stream_worker import StreamWorker, StreamWorkerConfig, ensure_group_sync
+from server.pipeline.stream_worker import (
+    MAX_DELIVERIES,
+    StreamWorker,
+    StreamWorkerConfig,
+    ensure_groups_sync,
+)
 from server.runtime.batching import BatchLimits
 from server.storage import keys
 from server.storage.base import ImageRef
+from server.tasks.contract import Task
 from tests.support.sample_tasks import MeanBrightness, Spots
 
 REDIS_URL = os.environ.get("PIXELSTREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -40,16 +46,17 @@ def spots_png(width: int, height: int, spots: list[list[int]]) -> bytes:
 def redis() -> Iterator[redis_sync.Redis]:
     client = redis_sync.Redis.from_url(REDIS_URL)
     client.flushdb()
-    ensure_group_sync(client)
+    ensure_groups_sync(client, ["spots", "mean"])
     yield client
     client.flushdb()
     client.close()
 
 
-def make_worker(redis: redis_sync.Redis, **config: Any) -> StreamWorker:
-    tasks = (Spots(), MeanBrightness())
+def make_worker(redis: redis_sync.Redis, *, tasks: tuple[Task, ...] | None = None,
+                name: str = "test-worker", **config: Any) -> StreamWorker:
+    tasks = tasks or (Spots(), MeanBrightness())
     worker = StreamWorker(StreamWorkerConfig(redis_url=REDIS_URL, tasks=tasks, **config),
-                          {task.name: task for task in tasks}, redis=redis, name="test-worker")
+                          {task.name: task for task in tasks}, redis=redis, name=name)
     for task in tasks:
         task.setup("cpu")
     return worker
@@ -57,7 +64,8 @@ def make_worker(redis: redis_sync.Redis, **config: Any) -> StreamWorker:
 
 def enqueue(redis: redis_sync.Redis, job: Job) -> None:
     body, data = encode_job(job)
-    redis.xadd(keys.JOBS, {"job": body, "data": data, "seq": 0, "enqueued": time.time()})
+    redis.xadd(keys.task_jobs(job.task),
+               {"job": body, "data": data, "seq": 0, "enqueued": time.time()})
 
 
 def outcome(redis: redis_sync.Redis, job_id: str) -> Any:
@@ -80,7 +88,8 @@ def test_jobs_run_in_batches_by_the_shared_policy_with_per_task_limits(
     assert all(isinstance(event, JobDone) for event in spots)
     assert [len(event.result["batch"]) for event in spots] == [2, 2, 1]
     assert isinstance(outcome(redis, "j4"), JobDone)
-    assert redis.xlen(keys.JOBS) == 0  # every job acknowledged and removed
+    # Every job acknowledged and removed.
+    assert redis.xlen(keys.task_jobs("spots")) == redis.xlen(keys.task_jobs("mean")) == 0
 
 
 def test_a_large_image_plans_tiles_and_its_tile_jobs_run_on_the_worker(
@@ -104,3 +113,63 @@ def test_a_large_image_plans_tiles_and_its_tile_jobs_run_on_the_worker(
     assert [100.0, 60.0, 110.0, 70.0] in found  # in original pixels
     assert worker.pixels.decodes == 0  # the tiles read the planned decode, never decoding again
     worker.pixels.close()
+
+
+def pending_of(redis: redis_sync.Redis, task: str) -> dict[str, int]:
+    """Per consumer, the jobs of ``task`` it holds unacknowledged."""
+    pending: Any = redis.xpending(keys.task_jobs(task), keys.JOBS_GROUP)
+    return {c["name"].decode(): c["pending"] for c in pending["consumers"] or []}
+
+
+def test_a_worker_reads_only_the_streams_of_the_tasks_it_serves(
+        redis: redis_sync.Redis) -> None:
+    spots_worker = make_worker(redis, tasks=(Spots(),), name="spots-worker", max_wait_ms=0)
+    mean_worker = make_worker(redis, tasks=(MeanBrightness(),), name="mean-worker",
+                              max_wait_ms=0)
+    image = spots_png(40, 30, [[1, 1, 4, 4]])
+    order = ["mean", "spots", "mean", "spots", "mean"]
+    for index, task in enumerate(order):
+        enqueue(redis, Job(f"j{index}", task, {}, ImageRef(len(image), data=image), MAX_PIXELS))
+    assert spots_worker.step() == 2
+    assert spots_worker.step() == 0  # nothing more of its own; the mean jobs are not its
+    assert redis.get(keys.task_jobs_taken("mean")) is None
+    assert redis.xlen(keys.task_jobs("mean")) == 3
+    assert all(redis.get(keys.job_outcome(f"j{i}")) is None for i in (0, 2, 4))
+    assert mean_worker.step() == 3
+    assert all(isinstance(outcome(redis, f"j{i}"), JobDone) for i in range(5))
+    assert redis.get(keys.task_jobs_taken("spots")) == b"2"
+    assert redis.get(keys.task_jobs_taken("mean")) == b"3"
+
+
+def test_a_dead_workers_jobs_are_claimed_only_by_a_worker_serving_their_task(
+        redis: redis_sync.Redis) -> None:
+    image = spots_png(40, 30, [[1, 1, 4, 4]])
+    for index, task in enumerate(["spots", "mean", "mean"]):
+        enqueue(redis, Job(f"j{index}", task, {}, ImageRef(len(image), data=image), MAX_PIXELS))
+    dead = make_worker(redis, name="dead")
+    assert len(dead._read(4, None)) == 3  # read, then killed before running them
+    # claim_idle_ms=0: held jobs count as abandoned at once (no waiting in a test).
+    mean_worker = make_worker(redis, tasks=(MeanBrightness(),), name="mean-worker",
+                              claim_idle_ms=0)
+    assert mean_worker.step() == 2
+    assert pending_of(redis, "spots") == {"dead": 1}
+    assert redis.get(keys.job_outcome("j0")) is None
+    spots_worker = make_worker(redis, tasks=(Spots(),), name="spots-worker", claim_idle_ms=0)
+    assert spots_worker.step() == 1
+    assert [type(outcome(redis, f"j{i}")) for i in range(3)] == [JobDone] * 3
+    assert pending_of(redis, "spots") == pending_of(redis, "mean") == {}
+
+
+def test_a_job_delivered_too_often_fails_instead_of_running_again(
+        redis: redis_sync.Redis) -> None:
+    image = spots_png(40, 30, [[1, 1, 4, 4]])
+    enqueue(redis, Job("doomed", "mean", {}, ImageRef(len(image), data=image), MAX_PIXELS))
+    holders = [make_worker(redis, name=f"w{n}", claim_idle_ms=0) for n in range(MAX_DELIVERIES)]
+    assert len(holders[0]._read(4, None)) == 1
+    for holder in holders[1:]:  # each claims it from the one before, and dies too
+        assert len(holder._claim_stale()) == 1
+    assert make_worker(redis, name="last", claim_idle_ms=0).step() == 1
+    failed = outcome(redis, "doomed")
+    assert isinstance(failed, JobFailed)
+    assert failed.code.value == "internal"
+    assert redis.xlen(keys.task_jobs("mean")) == 0

@@ -454,6 +454,7 @@ async def test_readyz_with_workers_ready(colors_server, http) -> None:
     body = response.json()
     assert body["ready"] is True
     assert body["workers_ready"] == colors_server.settings.workers
+    assert body["tasks_without_workers"] == []
     assert body["cache"] is True
     assert body["queue_depth"] == 0
     assert body["models"] == {"colors": COLORS_MODEL, "gate": "test/gate"}
