@@ -71,7 +71,12 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} was asked for, but torch sees no CUDA device")
+        raise RuntimeError(f"device {device} was asked for, but torch sees no CUDA device "
+                           "(use --device auto or cpu)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {device} was asked for, but torch sees "
+                           f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -330,10 +335,32 @@ def load_registry(tasks_file: Path | None = None, *, classify_model: str | None 
 
 
 def _try_setup(entries: Sequence[TaskEntry], device: str) -> str | None:
-    """In a short-lived process: set each task up; the first failure as one line."""
+    """In a short-lived process: check every task's device, then set up each task that does
+    not ship with pixelstream; the first failure as one line, and nothing else printed
+    (libraries print warnings and load reports while they load a model)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+    return _first_setup_problem(entries, device)
+
+
+def _first_setup_problem(entries: Sequence[TaskEntry], device: str) -> str | None:
+    devices: dict[str, str] = {}
     for entry in entries:
         try:
-            entry.task.setup(resolve_device(entry.serving.device or device))
+            devices[entry.task.name] = resolve_device(entry.serving.device or device)
+        except RuntimeError as exc:
+            return f"task {entry.task.name!r}: {exc}"
+    for entry in entries:
+        if entry.origin == "built-in":
+            continue
+        try:
+            entry.task.setup(devices[entry.task.name])
         except Exception as exc:
             what = (f"model folder {entry.task.model_path} does not load"
                     if isinstance(entry.task, HFTask) else "setup() failed")
@@ -342,11 +369,17 @@ def _try_setup(entries: Sequence[TaskEntry], device: str) -> str | None:
     return None
 
 
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
 def verify_setup(registry: Registry, device: str) -> None:
     """Load every task that does not ship with pixelstream once, in a spawned process (the
-    gateway never imports torch), so that a bad model stops ``serve`` before it listens.
+    gateway never imports torch), so that a bad model stops ``serve`` before it listens; a
+    CUDA device that is not there stops it too, whichever task asks for it.
     Raises :class:`TasksFileError`."""
-    entries = [entry for entry in registry.entries if entry.origin != "built-in"]
+    entries = [entry for entry in registry.entries
+               if entry.origin != "built-in" or _is_cuda(entry.serving.device or device)]
     if not entries:
         return
     import multiprocessing

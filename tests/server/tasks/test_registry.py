@@ -234,3 +234,34 @@ def test_serve_stops_before_listening_on_a_bad_tasks_file(tmp_path: Path) -> Non
     assert "task 'detect'" in lines[0]
     assert "/no/such/x does not exist" in lines[0]
     assert "Uvicorn running" not in result.stderr + result.stdout
+
+
+def test_a_cuda_device_that_is_not_there_is_refused_before_serving() -> None:
+    """Whichever task asks for it, built-in or not: one line naming the task, not a worker's
+    traceback after the server listens."""
+    registry = load_registry(builtins=[Colors()])
+    with pytest.raises(TasksFileError) as caught:
+        verify_setup(registry, "cuda:99")
+    line = str(caught.value)
+    assert line.startswith("task 'colors': device cuda:99 was asked for, but torch sees ")
+    assert "\n" not in line
+
+
+def test_a_tasks_device_that_is_not_there_names_the_device(tmp_path: Path) -> None:
+    path = write(tmp_path, '[tasks.m]\nkind = "python"\ndevice = "cuda:99"\n'
+                           'entry = "tests.support.sample_tasks:MeanBrightness"')
+    with pytest.raises(TasksFileError, match=r"^task 'm': device cuda:99 was asked for"):
+        verify_setup(load_registry(path, builtins=[Colors()]), "cpu")
+
+
+def test_a_folder_of_another_kind_is_one_line_and_nothing_else(
+        tmp_path: Path, vit_folder: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Loading a classifier's folder as a CLIP makes transformers print a load report; the
+    check's process keeps it to itself, so that ``serve`` says one line."""
+    path = write(tmp_path, f'[tasks.z]\nkind = "zero-shot-image-classification"\n'
+                           f'model = "{vit_folder}"')
+    with pytest.raises(TasksFileError, match=r"^task 'z': model folder .* does not load"):
+        verify_setup(load_registry(path, builtins=[Colors()]), "cpu")
+    printed = capfd.readouterr()
+    assert printed.out == ""
+    assert printed.err == ""
