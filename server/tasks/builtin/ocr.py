@@ -79,6 +79,14 @@ def _horizontal_overlap(a: Sequence[float], b: Sequence[float]) -> float:
     return max(0.0, shared) / max(1e-6, min(a[2] - a[0], b[2] - b[0]))
 
 
+def _inside(inner: Sequence[float], outer: Sequence[float]) -> bool:
+    """Whether ``inner`` lies horizontally within ``outer``, give or take a quarter of a
+    line's height (two readings of one line differ by a few pixels of padding, less than a
+    glyph's width; a piece that reaches further holds text the other lacks)."""
+    slack = 0.25 * min(_height(inner), _height(outer))
+    return outer[0] - slack <= inner[0] and inner[2] <= outer[2] + slack
+
+
 def merge_lines(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Lines from overlapping tiles → each line once (see the module's docstring)."""
     kept: list[dict[str, Any]] = []
@@ -86,9 +94,9 @@ def merge_lines(lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for index, other in enumerate(kept):
             if not _same_row(other["box"], line["box"]):
                 continue
-            shared = _horizontal_overlap(other["box"], line["box"])
-            if shared >= 0.9:
+            if _inside(line["box"], other["box"]):
                 break  # the same line, or a copy cut by a tile's edge: the larger stays
+            shared = _horizontal_overlap(other["box"], line["box"])
             similar = 0.67 <= _height(line["box"]) / max(1e-6, _height(other["box"])) <= 1.5
             if shared > 0 and similar:
                 kept[index] = _join(other, line)

@@ -92,3 +92,20 @@ def test_reading_order_is_rows_then_left_to_right() -> None:
     lines = [line("right", [500, 102, 600, 128]), line("below", [0, 200, 100, 230]),
              line("left", [0, 100, 100, 130])]
     assert [item["text"] for item in reading_order(lines)] == ["left", "right", "below"]
+
+
+def test_pieces_that_overlap_almost_wholly_are_still_joined() -> None:
+    """A 28-px line a little longer than the tiles' overlap: each tile reads all but its last
+    (or first) glyphs, and the pieces share 93% of the narrower one's width. Dropping one of
+    them as a duplicate lost the line's last glyph ("Invoice 88213 due Marc")."""
+    left = line("Invoice 88213 due Marc", [695, 298, 1023, 337])
+    right = line("ice 88213 due March 4", [744, 299, 1050, 336])
+    merged = merge_lines([left, right])
+    assert merged == [line("Invoice 88213 due March 4", [695, 298, 1050, 337])]
+
+
+def test_two_whole_readings_of_one_line_are_one_line() -> None:
+    """Both tiles saw the line whole; their boxes differ by the reader's padding."""
+    first = line("Gate B12", [840, 1000, 960, 1030], 0.95)
+    second = line("Gate B12", [838, 999, 963, 1031], 0.97)
+    assert [item["text"] for item in merge_lines([first, second])] == ["Gate B12"]
