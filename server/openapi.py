@@ -64,7 +64,9 @@ RESULT_SCHEMA: dict[str, Any] = {
         "task": {"type": "string"},
         "result": {"type": "object",
                    "description": "The task's result: its JSON Schema is in GET /v1/tasks."},
-        "image": {"type": "object", "description": "Width, height and format of the image."},
+        "image": {"type": "object", "description": (
+            "Width and height of the image as displayed (EXIF orientation applied; "
+            "boxes are in these pixels) and its format.")},
         "model": {"type": "string"},
         "cached": {"type": "boolean"},
         "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},

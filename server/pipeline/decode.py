@@ -140,8 +140,13 @@ class ImageInfo:
     format: str
 
     def to_dict(self) -> dict[str, int | str]:
-        """The protocol's ``image`` object: ``{"width": ..., "height": ..., "format": ...}``."""
+        """``{"width": ..., "height": ..., "format": ...}`` as stored."""
         return {"width": self.width, "height": self.height, "format": self.format}
+
+    def described(self, displayed: tuple[int, int]) -> dict[str, int | str]:
+        """The protocol's ``image`` object: the size as displayed (EXIF orientation applied,
+        the frame boxes are reported in) and the format."""
+        return {"width": displayed[0], "height": displayed[1], "format": self.format}
 
 
 @dataclass

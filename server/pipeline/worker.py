@@ -153,8 +153,9 @@ def _prepare(analyzer: Task, job: Job, pixels: PixelCache, started: float
                 return tiling.plan(job, analyzer, opened, pixels, started), None
             opened.close()
         decoded = decode(source, max_pixels=job.max_pixels, hint=analyzer.decode)
-        view = View.whole(decoded.image, displayed_size(decoded))
-        image = decoded.info.to_dict()
+        original = displayed_size(decoded)
+        view = View.whole(decoded.image, original)
+        image = decoded.info.described(original)
     item = analyzer.preprocess(view, options)
     decode_ms = (time.perf_counter() - started) * 1000
     return None, _Prepared(job, image, view, options, item, decode_ms)

@@ -69,8 +69,8 @@ def plan(job: Job, task: Task, source: PixelSource, cache: PixelCache,
     width, height = source.original
     boxes = tile_boxes(width, height, task.tiling.size, task.tiling.overlap)
     parent = Job(job.job_id, job.task, job.options, _without_data(job.image), job.max_pixels)
-    return TilesPlanned(job.job_id, handle, boxes, source.original, source.info.to_dict(),
-                        decode_ms, parent)
+    return TilesPlanned(job.job_id, handle, boxes, source.original,
+                        source.info.described(source.original), decode_ms, parent)
 
 
 def tile_view(job: Job, cache: PixelCache) -> tuple[View, dict[str, Any]]:
@@ -79,7 +79,8 @@ def tile_view(job: Job, cache: PixelCache) -> tuple[View, dict[str, Any]]:
     assert tile is not None
     source = job.image.path if job.image.path is not None else job.image.data
     pixels = cache.get(tile.pixels, source, max_pixels=job.max_pixels)
-    return View(pixels.region(tile.box), tile.original, tile.box), pixels.info.to_dict()
+    return (View(pixels.region(tile.box), tile.original, tile.box),
+            pixels.info.described(tile.original))
 
 
 def _without_data(image: ImageRef) -> ImageRef:

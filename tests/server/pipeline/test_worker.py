@@ -263,3 +263,23 @@ def test_load_tasks_sets_each_task_up_on_its_device() -> None:
     assert list(loaded) == ["colors", "fake"]
     assert loaded["fake"] is fake
     assert fake.loaded
+
+
+def test_the_image_is_described_as_displayed() -> None:
+    """A PNG stored 60x40 whose EXIF orientation (6) shows it 40x60: ``image`` gives the size
+    the boxes are reported in, so a box is always inside it."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (60, 40), "white").save(out, "PNG", exif=exif)
+    data = out.getvalue()
+    analyzer = FakeAnalyzer()
+    done = outcomes(run(analyzer, Job(1, "fake", {}, ImageRef(size=len(data), data=data),
+                                      MAX_PIXELS)))[1]
+    assert isinstance(done, JobDone)
+    assert done.image == {"width": 40, "height": 60, "format": "PNG"}
+    assert done.result == {"value": 400, "options": {}}  # preprocess saw the upright width

@@ -178,6 +178,23 @@ async def test_a_large_image_is_analysed_in_tiles_merged_in_original_pixels(
     assert [s for s, _, c in stages.seen if c is None] == ["queued", "decoding"]
 
 
+async def test_an_exif_rotated_image_is_tiled_and_described_as_displayed(
+        pool: WorkerPool, gate_path: str) -> None:
+    """Stored 200x300 with EXIF orientation 8 (shown 300x200, as the spots are drawn): spots
+    and ``image`` in the displayed frame."""
+    upright = Image.open(io.BytesIO(spots_png()))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    out = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_270).save(out, "PNG", exif=exif)
+    service = service_for(pool, gate_path)
+    task, options = service.resolve("spots", {})
+    async with asyncio.timeout(WAIT_S):
+        payload, _ = await service.run(task, options, inline(out.getvalue()), None, Stages())
+    assert payload["result"]["spots"] == sorted([float(v) for v in spot] for spot in SPOTS)
+    assert payload["image"] == {"width": WIDTH, "height": HEIGHT, "format": "PNG"}
+
+
 async def test_tiles_false_asks_for_one_downscaled_pass(pool: WorkerPool, gate_path: str
                                                         ) -> None:
     service = service_for(pool, gate_path)
