@@ -152,6 +152,7 @@ def stream_worker_config(settings: Settings, registry: Registry) -> StreamWorker
         devices=worker_devices(registry),
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
         claim_idle_ms=settings.claim_idle_ms, per_task=batch_limits(settings, registry),
+        placement=worker_placement(registry),
     )
 
 

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="run inference workers for gateways that share a Redis (--redis-url)"
     )
     _settings_flags(worker)
+    worker.add_argument(
+        "--task", action="append", dest="worker_tasks", default=None, metavar="NAME",
+        help=f"a task these workers serve; repeat for several (env {WORKER_TASKS_VARIABLE}, "
+             "comma-separated; default: every task)")
     model = commands.add_parser("model", help="manage the bundled model")
     model_commands = model.add_subparsers(dest="model_command", required=True)
     prepare = model_commands.add_parser("prepare", help="build the default model folder")
@@ -166,15 +170,33 @@ def uvicorn_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def checked_registry(settings: Settings) -> Registry:
-    """The tasks to serve, each tried once (see :func:`server.tasks.registry.verify_setup`).
-    Raises TasksFileError with one line naming the task that cannot be served."""
+def checked_registry(settings: Settings, only: Sequence[str] | None = None) -> Registry:
+    """The tasks to serve (``only`` these, if given), each tried once (see
+    :func:`server.tasks.registry.verify_setup`). Raises TasksFileError with one line naming
+    the task that cannot be served, ValueError naming one in ``only`` that is not offered."""
     from server.app import registry_for
     from server.tasks.registry import verify_setup
 
     registry = registry_for(settings)
+    if only:
+        try:
+            registry = registry.only(only)
+        except ValueError as exc:
+            raise ValueError(f"--task: {exc}") from None
     verify_setup(registry, settings.device)
     return registry
+
+
+WORKER_TASKS_VARIABLE = ENV_PREFIX + "WORKER_TASKS"
+
+
+def worker_tasks(args: argparse.Namespace) -> list[str]:
+    """The tasks ``pixelstream worker`` serves: its ``--task`` flags, else the variable; an
+    empty list means every task."""
+    if args.worker_tasks:
+        return [name.strip() for name in args.worker_tasks]
+    raw = os.environ.get(WORKER_TASKS_VARIABLE, "")
+    return [name.strip() for name in raw.split(",") if name.strip()]
 
 
 def explicit_settings(args: argparse.Namespace) -> set[str]:
@@ -202,7 +224,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def run_workers(args: argparse.Namespace) -> int:
     """``pixelstream worker``: stream workers on this machine, for gateways anywhere. They
-    serve the tasks ``serve`` does (the same --tasks file)."""
+    serve the tasks ``serve`` does (the same --tasks file), or those named by ``--task``; a
+    tasks file's ``workers`` places a task on that many of them."""
     from server.app import _needs_prepare, prepare_tasks, stream_worker_config
     from server.pipeline.stream_worker import supervise
     from server.tuning import inference_summary
@@ -214,9 +237,11 @@ def run_workers(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    registry = checked_registry(settings)  # a bad tasks file is one line, with nothing before
-    logging.getLogger("pixelstream").info(
-        "%s", inference_summary(settings, explicit_settings(args)))
+    # A bad tasks file or an unknown --task is one line, with nothing before.
+    registry = checked_registry(settings, worker_tasks(args))
+    logger = logging.getLogger("pixelstream")
+    logger.info("serving tasks: %s", ", ".join(registry.names))
+    logger.info("%s", inference_summary(settings, explicit_settings(args)))
     prepare_tasks(_needs_prepare([entry.task for entry in registry.entries]))
     return supervise(stream_worker_config(settings, registry), max(1, settings.workers))
 

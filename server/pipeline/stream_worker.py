@@ -69,6 +69,7 @@ BLOCK_MS = 1000
 class StreamWorkerConfig:
     redis_url: str
     tasks: tuple[Task, ...]
+    """The tasks this machine's workers serve (``pixelstream worker --task``; else all)."""
     torch_threads: int = 1
     device: str = "auto"
     devices: dict[str, str] | None = None
@@ -77,6 +78,14 @@ class StreamWorkerConfig:
     claim_idle_ms: int = 15000
     per_task: Mapping[str, BatchLimits] | None = None
     """Batch limits of tasks whose differ from ``max_batch_size``/``max_wait_ms``."""
+    placement: dict[str, int] | None = None
+    """Per task name, how many of this machine's workers load it (a tasks file's
+    ``workers``; others: all), as in the in-process pool."""
+
+    def worker_config(self, slot: int) -> WorkerConfig:
+        """What the worker in ``slot`` (0, 1, ...) loads: the tasks placed on it."""
+        return WorkerConfig(self.tasks, device=self.device, devices=self.devices,
+                            placement=self.placement).for_slot(slot)
 
     @property
     def limits(self) -> Limits:
@@ -315,9 +324,10 @@ def ensure_groups_sync(redis: redis_sync.Redis, tasks: Sequence[str]) -> None:
                 raise
 
 
-def stream_worker_main(config: StreamWorkerConfig) -> None:
-    """Process entry point (``pixelstream worker`` runs one per ``--workers``): runs until
-    its :class:`~server.runtime.supervisor.Supervisor` asks it to stop."""
+def stream_worker_main(config: StreamWorkerConfig, slot: int = 0) -> None:
+    """Process entry point (``pixelstream worker`` runs one per ``--workers``, in slots 0,
+    1, ...): loads the tasks placed on its slot, and runs until its
+    :class:`~server.runtime.supervisor.Supervisor` asks it to stop."""
     ignore_stop_signals()
     configure_from_environment("stream-worker")  # --log-format, via the environment
     tune_worker_malloc()  # before the models load: see server.tuning
@@ -326,8 +336,7 @@ def stream_worker_main(config: StreamWorkerConfig) -> None:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # decode() checks each header against the job's limit
-    analyzers = load_tasks(WorkerConfig(config.tasks, device=config.device,
-                                        devices=config.devices))
+    analyzers = load_tasks(config.worker_config(slot))
     worker = StreamWorker(config, analyzers)
     on_stop_request(worker.stop)
     with_suppressed(lambda: ensure_groups_sync(worker.redis, worker.tasks))
@@ -338,7 +347,7 @@ def stream_worker_main(config: StreamWorkerConfig) -> None:
 
 def stream_supervisor(config: StreamWorkerConfig, count: int) -> Supervisor:
     return Supervisor(stream_worker_main, count, name="pixelstream-stream-worker",
-                      args_for=lambda slot: (config,))
+                      args_for=lambda slot: (config, slot))
 
 
 def spawn_worker(config: StreamWorkerConfig) -> Supervisor:

@@ -137,6 +137,18 @@ class Registry:
     def entry(self, name: str) -> TaskEntry:
         return self._entries[name]
 
+    def only(self, names: Iterable[str]) -> Registry:
+        """These tasks alone (with their tasks-file settings), in this registry's order.
+        Raises ValueError, one line, naming one that is not offered."""
+        chosen = list(dict.fromkeys(names))
+        for name in chosen:
+            if name not in self._entries:
+                raise ValueError(f"no task is named {name!r} (the tasks: "
+                                 f"{', '.join(self._entries)})")
+        entries = [entry for name, entry in self._entries.items() if name in chosen]
+        default = self.default if self.default in chosen else None
+        return Registry(entries, default=default)
+
     def describe(self) -> list[dict[str, Any]]:
         """``GET /v1/tasks``: per task its name, kind, model, revision and the JSON Schemas
         of its options and its result."""

@@ -378,6 +378,44 @@ def test_pixelstream_worker_sigtermed_as_a_group_stops_cleanly_without_respawnin
     assert private_redis.client().hlen(keys.WORKERS) == 0  # each worker signed off itself
 
 
+async def test_a_worker_started_for_one_task_serves_it_alone_and_the_others_are_refused_busy(
+    cluster, open_client, private_redis, tmp_path: Path
+) -> None:
+    """`pixelstream worker --task colors`: it loads and serves colors only; the gateway is not
+    ready while its other tasks lack workers, and answers their uploads busy at once."""
+    (gateway,) = cluster(gateways=1, workers=0).gateways
+    pixelstream = str(Path(sys.executable).with_name("pixelstream"))
+    env = {**os.environ, "PIXELSTREAM_REDIS_URL": private_redis.url, "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "worker.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.to_thread(
+            subprocess.Popen, [pixelstream, "worker", "--workers", "1", "--task", "colors"],
+            env=env, stderr=stderr)
+    try:
+        queue = gateway.state.service.pool
+        await asyncio.to_thread(gateway.call, queue.wait_served("colors"), 120)
+        (beat,) = private_redis.client().hvals(keys.WORKERS)
+        assert orjson.loads(beat)["tasks"] == ["colors"]  # all it loaded
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(gateway.http_url + "/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["tasks_without_workers"] == ["gate", "spots"]
+        async with open_client(gateway.ws_url) as client:
+            await client.upload("refused", 100, task="spots")
+            error = await client.expect("error", id="refused")
+            await client.send_upload("served", unique_image(), task="colors")
+            outcome = await client.outcome("served")
+        assert error["code"] == "busy"
+        assert "'spots'" in error["message"]
+        assert error["retry_after_ms"] > 0
+        assert outcome["type"] == "result", outcome
+        assert private_redis.client().xlen(keys.task_jobs("spots")) == 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 60)
+    assert "serving tasks: colors" in log.read_text()
+
+
 async def test_a_tus_upload_goes_on_through_the_other_gateway_one_writer_at_a_time(
     cluster,
 ) -> None:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import uvicorn
 
-from server.cli import build_parser, main, uvicorn_config
+from server.cli import build_parser, main, uvicorn_config, worker_tasks
 from server.settings import Settings
 from tests.support.setting_cases import SETTING_CASES
 
@@ -88,6 +88,30 @@ def test_a_setting_out_of_range_is_reported_without_starting(
 ) -> None:
     assert main(["serve", "--workers", "0"]) == 2
     assert "workers" in capsys.readouterr().err
+
+
+def test_worker_stops_on_an_unknown_task_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis = ["--redis-url", "redis://127.0.0.1:1/0"]  # never reached: the check comes first
+    assert main(["worker", *redis, "--task", "colors", "--task", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: --task: no task is named 'nope' (the tasks: ")
+    monkeypatch.setenv("PIXELSTREAM_WORKER_TASKS", "colors, gone")
+    assert main(["worker", *redis]) == 2
+    assert "no task is named 'gone'" in capsys.readouterr().err
+
+
+def test_worker_tasks_come_from_the_flags_else_the_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def chosen(*argv: str) -> list[str]:
+        return worker_tasks(build_parser().parse_args(["worker", *argv]))
+
+    assert chosen() == []  # every task
+    monkeypatch.setenv("PIXELSTREAM_WORKER_TASKS", "colors, classify,")
+    assert chosen() == ["colors", "classify"]
+    assert chosen("--task", "spots", "--task", "mean") == ["spots", "mean"]
 
 
 def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,6 +22,7 @@ from server.pipeline.stream_worker import (
     StreamWorkerConfig,
     ensure_groups_sync,
 )
+from server.pipeline.worker import load_tasks
 from server.runtime.batching import BatchLimits
 from server.storage import keys
 from server.storage.base import ImageRef
@@ -173,3 +174,16 @@ def test_a_job_delivered_too_often_fails_instead_of_running_again(
     assert isinstance(failed, JobFailed)
     assert failed.code.value == "internal"
     assert redis.xlen(keys.task_jobs("mean")) == 0
+
+
+def test_a_tasks_file_placement_loads_a_task_on_that_many_of_the_machines_workers(
+        redis: redis_sync.Redis) -> None:
+    spots, mean = Spots(), MeanBrightness()
+    config = StreamWorkerConfig(redis_url=REDIS_URL, tasks=(spots, mean), device="cpu",
+                                placement={"mean": 1})
+    assert [t.name for t in config.worker_config(0).tasks] == ["spots", "mean"]
+    second = load_tasks(config.worker_config(1))
+    assert list(second) == ["spots"]
+    assert mean.device is None  # never set up by the worker it is not placed on
+    worker = StreamWorker(config, second, redis=redis)
+    assert worker.streams == {keys.task_jobs("spots"): "spots"}

@@ -14,12 +14,13 @@ from server.tasks.hf import ImageClassification
 from server.tasks.registry import (
     Registry,
     Serving,
+    TaskEntry,
     TasksFileError,
     load_registry,
     read_tasks_file,
     verify_setup,
 )
-from tests.support.sample_tasks import MeanBrightness
+from tests.support.sample_tasks import MeanBrightness, Spots
 from tests.support.tiny_models import tiny_vit
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -219,6 +220,20 @@ def test_a_registry_needs_tasks_and_a_known_default() -> None:
     assert Registry([Colors(), MeanBrightness()]).default == "colors"  # no classify: the first
     with pytest.raises(ValueError, match="default task"):
         Registry([Colors()], default="mean")
+
+
+def test_only_keeps_the_named_tasks_with_their_serving_in_order() -> None:
+    registry = Registry([TaskEntry(Colors(), Serving(workers=1)), MeanBrightness(),
+                         TaskEntry(Spots(), Serving(device="cpu"))], default="mean")
+    chosen = registry.only(["spots", "colors", "spots"])
+    assert chosen.names == ["colors", "spots"]
+    assert chosen.entry("colors").serving.workers == 1
+    assert chosen.entry("spots").serving.device == "cpu"
+    assert chosen.default == "colors"  # the default is not among them: the first
+    assert registry.only(["mean"]).default == "mean"
+    with pytest.raises(ValueError, match=r"^no task is named 'nope' \(the tasks: colors, mean, "
+                                         r"spots\)$"):
+        registry.only(["mean", "nope"])
 
 
 def test_serve_stops_before_listening_on_a_bad_tasks_file(tmp_path: Path) -> None:
