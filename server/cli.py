@@ -209,7 +209,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.tuning import inference_summary
+    from server.tuning import inference_summary, tune_gateway_malloc
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     settings = Settings.from_env(**overrides)
@@ -218,6 +218,7 @@ def serve(args: argparse.Namespace) -> int:
     if settings.workers:
         logging.getLogger("pixelstream").info(
             "%s", inference_summary(settings, explicit_settings(args)))
+    tune_gateway_malloc()  # chunk messages reuse heap pages: see server.tuning
     uvicorn.run(create_app(settings, tasks=registry), **uvicorn_config(settings))
     return 0
 

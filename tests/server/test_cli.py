@@ -162,6 +162,18 @@ def test_uvicorn_config_guards_against_slow_and_greedy_peers() -> None:
     assert loaded.h11_max_incomplete_event_size == 64 * 1024
 
 
+def test_serve_tunes_the_gateways_malloc_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import server.tuning
+
+    calls: list[str] = []
+    monkeypatch.setattr(server.tuning, "tune_gateway_malloc", lambda: calls.append("tune"))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **config: calls.append("run"))
+    assert main(["serve", "--workers", "1", "--port", str(free_port())]) == 0
+    assert calls == ["tune", "run"]
+
+
 # The real command ---------------------------------------------------------------------------
 
 

@@ -82,9 +82,9 @@ def test_summary_says_which_values_came_from_the_machine() -> None:
 FAULTS = r"""
 import ctypes, ctypes.util, resource, sys
 sys.path.insert(0, {root!r})
-from server.tuning import tune_worker_malloc
-if {tuned}:
-    assert tune_worker_malloc()
+from server.tuning import tune_gateway_malloc, tune_worker_malloc
+if {tune}:
+    assert {tune}()
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
@@ -102,15 +102,16 @@ print(faults[1] + faults[2])
 """
 
 
-def _faults(tuned: bool) -> int:
+def _faults(tune: str | None) -> int:
     root = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", FAULTS.format(root=root, tuned=tuned)],
+    out = subprocess.run([sys.executable, "-c", FAULTS.format(root=root, tune=tune)],
                          check=True, capture_output=True, text=True).stdout
     return int(out.strip())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_tuned_malloc_keeps_freed_pages_for_the_next_allocation() -> None:
+@pytest.mark.parametrize("tune", ["tune_worker_malloc", "tune_gateway_malloc"])
+def test_tuned_malloc_keeps_freed_pages_for_the_next_allocation(tune: str) -> None:
     pages = 30 * 1024 * 1024 // 4096
-    assert _faults(tuned=False) >= pages // 2  # the defaults: the second block is fresh pages
-    assert _faults(tuned=True) < pages // 20
+    assert _faults(None) >= pages // 2  # the defaults: the second block is fresh pages
+    assert _faults(tune) < pages // 20
