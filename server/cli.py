@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
@@ -190,12 +190,13 @@ def checked_registry(settings: Settings, only: Sequence[str] | None = None) -> R
 WORKER_TASKS_VARIABLE = ENV_PREFIX + "WORKER_TASKS"
 
 
-def worker_tasks(args: argparse.Namespace) -> list[str]:
-    """The tasks ``pixelstream worker`` serves: its ``--task`` flags, else the variable; an
-    empty list means every task."""
+def worker_tasks(args: argparse.Namespace,
+                 environ: Mapping[str, str] | None = None) -> list[str]:
+    """The tasks ``pixelstream worker`` serves: its ``--task`` flags, else the variable (in
+    ``environ``, default this process's); an empty list means every task."""
     if args.worker_tasks:
         return [name.strip() for name in args.worker_tasks]
-    raw = os.environ.get(WORKER_TASKS_VARIABLE, "")
+    raw = (os.environ if environ is None else environ).get(WORKER_TASKS_VARIABLE, "")
     return [name.strip() for name in raw.split(",") if name.strip()]
 
 

@@ -28,7 +28,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from server.cli import build_parser
+from server.app import registry_for
+from server.cli import WORKER_TASKS_VARIABLE, build_parser, worker_tasks
 from server.pipeline import model_store
 from server.settings import ENV_PREFIX, Settings
 from server.transports import http as http_api
@@ -942,5 +943,91 @@ def test_the_blue_green_overlay_renders_one_service_selecting_one_slot() -> None
     readme = (ROOT / "README.md").read_text()
     assert ("kubectl -n pixelstream patch service gateway -p "
             "'{\"spec\":{\"selector\":{\"slot\":\"green\"}}}'") in readme
+    namespaced = [d for d in docs if d["kind"] != "Namespace"]
+    assert {d["metadata"].get("namespace") for d in namespaced} == {"pixelstream"}
+
+
+# deploy/placement: the base's workers split by task -------------------------------------------
+
+PLACEMENT = ROOT / "deploy" / "placement"
+
+
+@pytest.fixture(scope="module")
+def placement() -> Manifests:
+    """The base's manifests with the overlay's own, and its patches applied as kustomize's
+    strategic merge does for these fields (containers and env entries merge by name)."""
+    kustomization = yaml.safe_load((PLACEMENT / "kustomization.yaml").read_text())
+    docs: Manifests = []
+    for name in kustomization["resources"]:
+        if name.startswith(".."):
+            assert (PLACEMENT / name).resolve() == K8S
+            docs += [d for path in _k8s_files() for d in yaml.safe_load_all(path.read_text())
+                     if d]
+            continue
+        docs += [d for d in yaml.safe_load_all((PLACEMENT / name).read_text()) if d]
+    deployments = by_kind(docs, "Deployment")
+    for item in kustomization["patches"]:
+        patch = yaml.safe_load((PLACEMENT / item["path"]).read_text())
+        target = deployments[patch["metadata"]["name"]]
+        containers = {c["name"]: c for c in target["spec"]["template"]["spec"]["containers"]}
+        for change in patch["spec"]["template"]["spec"]["containers"]:
+            container = containers[change["name"]]
+            env = {e["name"]: e for e in container.get("env", [])}
+            env.update({e["name"]: e for e in change.get("env", [])})
+            container["env"] = list(env.values())
+            assert set(change) <= {"name", "env"}, "a patched field this fixture does not merge"
+    return docs
+
+
+def test_every_placement_variable_is_a_real_setting_or_the_worker_tasks() -> None:
+    known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)} | {WORKER_TASKS_VARIABLE}
+    for path in sorted(PLACEMENT.glob("*.yaml")):
+        for variable in re.findall(r"\bPIXELSTREAM_\w+", path.read_text()):
+            assert variable in known, f"{path.name}: {variable} is not a setting"
+
+
+def test_the_placed_workers_serve_every_task_once_between_them(
+        placement: Manifests, runtime: Stage) -> None:
+    served: dict[str, list[str]] = {}
+    for name, deployment in _pixelstream_deployments(placement).items():
+        container = _container(deployment)
+        env = {**runtime.env(), **_k8s_env(container)}
+        args, settings = container_settings(container["args"], env)
+        if args.command != "worker":
+            continue
+        registry = registry_for(settings)
+        chosen = worker_tasks(args, env)
+        assert chosen, f"{name} serves every task: nothing is split"
+        served[name] = registry.only(chosen).names  # each one a task the registry has
+    assert set(served) == {"worker", "worker-light"}
+    every = [task for tasks in served.values() for task in tasks]
+    assert sorted(every) == sorted(registry_for(Settings.from_env(runtime.env())).names)
+
+
+def test_the_placed_worker_deployments_select_only_their_own_pods(placement: Manifests) -> None:
+    deployments = {name: d for name, d in _pixelstream_deployments(placement).items()
+                   if d["metadata"]["name"].startswith("worker")}
+    for name, deployment in deployments.items():
+        for other_name, other in deployments.items():
+            selector = deployment["spec"]["selector"]["matchLabels"]
+            assert _labels_match(selector, other) == (name == other_name)
+    autoscaled = {a["spec"]["scaleTargetRef"]["name"]
+                  for a in placement if a["kind"] == "HorizontalPodAutoscaler"}
+    assert set(deployments) <= autoscaled
+    light = _container(deployments["worker-light"])
+    assert "ports" not in light
+    assert light["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_placement_overlay_renders_two_worker_deployments_with_their_tasks() -> None:
+    rendered = subprocess.run(["kubectl", "kustomize", str(PLACEMENT)], capture_output=True,
+                              text=True, timeout=60, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {"redis", "gateway", "worker", "worker-light"}
+    env = _k8s_env(_container(deployments["worker"]))
+    assert env["PIXELSTREAM_WORKER_TASKS"] == "classify,ocr,faces,moderate"
+    assert env["PIXELSTREAM_REDIS_URL"] == "redis://redis:6379/0"  # the base's, kept
     namespaced = [d for d in docs if d["kind"] != "Namespace"]
     assert {d["metadata"].get("namespace") for d in namespaced} == {"pixelstream"}
