@@ -30,11 +30,21 @@ TEXT_CACHE_ENTRIES = 256
 Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS)]
 
 
+_NO_PLACE = r"(?:[^\{]|\{+[^\{\}])*\{*"
+ONE_PLACE = "^" + _NO_PLACE + r"\{\}" + _NO_PLACE + "$"
+"""A string with ``{}`` exactly once, as a JSON Schema pattern (no lookarounds, so any
+schema validator reads it, braces escaped for browsers' "v" mode): what ``_one_place`` checks."""
+
+
 class ZeroShotOptions(TaskOptions):
+    # The schema says what the validators check, so that options valid by the published
+    # schema are never refused.
     labels: list[Label] = Field(min_length=1, max_length=MAX_LABELS,
+                                json_schema_extra={"uniqueItems": True},
                                 description="The candidate labels (1-64, distinct); the "
                                             "answer scores each of them, best first.")
     template: str = Field(default=DEFAULT_TEMPLATE, max_length=MAX_LABEL_CHARS,
+                          json_schema_extra={"pattern": ONE_PLACE},
                           description="The sentence each label is put into before the text "
                                       "model reads it; {} marks the label's place.")
 

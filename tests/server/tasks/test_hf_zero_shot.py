@@ -94,6 +94,29 @@ def test_bad_options_are_refused(folder: Path, options: dict[str, Any], message:
         validate_options(ZeroShotImageClassification(str(folder)), options)
 
 
+@pytest.mark.parametrize("template", [
+    "{}", "This is a photo of {}.", "{{}", "{}}", "a {b} {}", "{} and {}", "no place", "{ }",
+    "{{}}", "}{", "", "{{{}", "}{}{",
+])
+def test_the_published_schema_says_what_the_validators_check(folder: Path,
+                                                            template: str) -> None:
+    """A client that builds options from ``GET /v1/tasks`` (a form, a schema-driven test)
+    must not send ones the server refuses: repeated labels and a template without exactly
+    one ``{}`` are refused, so the schema says so too."""
+    import re
+
+    task = ZeroShotImageClassification(str(folder))
+    properties = task.options_model().model_json_schema()["properties"]
+    assert properties["labels"]["uniqueItems"] is True
+    by_schema = re.search(properties["template"]["pattern"], template) is not None
+    try:
+        validate_options(task, {"labels": ["cat"], "template": template})
+        by_server = True
+    except OptionsError:
+        by_server = False
+    assert by_schema == by_server == (template.count("{}") == 1)
+
+
 def test_one_score_per_given_label_best_first(task: ZeroShotImageClassification) -> None:
     image = images()[0]
     view = View.whole(image, image.size)
