@@ -4,7 +4,7 @@ The scan (tests/support/vision_inputs.py ``scan``) holds 12 lines of text spread
 sheet, many across tile edges, once at 28 px and once at 13 px. Cases, each in this process
 with one task set up once (its engines' load and a first read reported apart):
 
-* ``tiles``: what the server does with ``"tiles": true`` (the default): 1024-px tiles at full
+* ``tiles``: what the server does with ``"tiles": true`` (the default): 768-px tiles at full
   resolution through the task's preprocess/predict/encode, then ``merge``; here one tile after
   another on one worker (a server spreads them over its workers).
 * ``one pass``: ``"tiles": false``: the whole scan decoded to 1024 px on its shorter side.

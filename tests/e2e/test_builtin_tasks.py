@@ -59,7 +59,7 @@ async def analyse(server: RunningServer, open_client: Any, data: bytes, task: st
     return messages
 
 
-@pytest.mark.timeout(900)  # 20 tiles of OCR on 2 shared cores
+@pytest.mark.timeout(900)  # 35 tiles of OCR on 2 shared cores
 async def test_a_4000x3000_scan_reads_as_well_as_a_small_image(server: RunningServer,
                                                                open_client: Any) -> None:
     small, _ = page(SCAN_LINES, size=(1000, 700), at=(40, 30), spacing=54)
@@ -79,7 +79,7 @@ async def test_a_4000x3000_scan_reads_as_well_as_a_small_image(server: RunningSe
     by_text = {line["text"]: line for line in lines}
     for drawn in written:  # boxes in pixels of the 4000x3000 original
         assert encloses(by_text[drawn.text]["box"], drawn.box, margin=16), drawn
-    # Tile progress: every one of the 20 tiles counted, the count growing to the total.
+    # Tile progress: every one of the 35 tiles counted, the count growing to the total.
     total = len(tile_boxes(4000, 3000, Ocr.tiling.size, Ocr.tiling.overlap))
     counts = [(m["done"], m["total"]) for m in messages
               if m.get("type") == "progress" and m.get("stage") == "inference" and "done" in m]

@@ -146,8 +146,8 @@ SCAN_LINES = [
 def scan(lines: Sequence[str] = SCAN_LINES, size: tuple[int, int] = (4000, 3000),
          text_px: int = 28) -> tuple[Image.Image, list[Written]]:
     """A scanned drawing's page: ``lines`` spread over a large white sheet, many of them across
-    the edges of the ``ocr`` task's 1024-px tiles (starts at x 0, 744, 1488, 2232, 2976 and
-    y 0, 659, 1317, 1976 on 4000x3000), each once."""
+    the edges of the ``ocr`` task's 768-px tiles (starts at x 0, 539, 1077, 1616, 2155, 2693,
+    3232 and y 0, 558, 1116, 1674, 2232 on 4000x3000), each once."""
     width, height = size
     image = Image.new("RGB", size, (250, 250, 247))
     columns = (0.05, 0.42, 0.70)

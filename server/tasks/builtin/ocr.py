@@ -1,8 +1,8 @@
 """Task ``ocr``: lines of text read with RapidOCR (:mod:`server.vision.ocr`).
 
-Spatial: a large image is read in overlapping full-resolution tiles of 1024 px, where text of
-13 px still reads (one pass over a 4000x3000 scan loses text far larger than that). Merging
-the tiles' lines:
+Spatial: a large image is read in overlapping full-resolution tiles of 768 px, where text of
+13 px reads wherever it lies (one pass over a 4000x3000 scan loses text far larger than that).
+Merging the tiles' lines:
 
 - a line seen whole by one tile and cut by another tile's edge is kept whole (the larger copy
   of two overlapping lines wins);
@@ -129,8 +129,8 @@ class Ocr(EngineTask[engine.TextReader]):
     name = "ocr"
     Options = SpatialOptions
     Result = results.Text
-    # One pass over a whole image ("tiles": false) is as large as a tile on its shorter side.
-    decode = DecodeHint(min_short_side=engine.TILE_SIDE)
+    # One pass over a whole image ("tiles": false).
+    decode = DecodeHint(min_short_side=engine.ONE_PASS_SIDE)
     # The overlap holds a line of 28-px text whole and a dozen of its characters, which is
     # what stitching a line's pieces from neighbouring tiles needs.
     tiling = Tiling(size=engine.TILE_SIDE, overlap=192)

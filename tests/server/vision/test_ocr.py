@@ -29,10 +29,21 @@ def test_lines_are_read_with_their_boxes(reader: TextReader) -> None:
 def test_13_px_text_reads_in_a_tile_but_not_in_a_larger_image(reader: TextReader) -> None:
     """Why the ``ocr`` task reads large images in tiles of TILE_SIDE."""
     lines = ["Serial 0042-7781-AC", "Torque 12 Nm max"]
-    tile, _ = page(lines, size=(TILE_SIDE, TILE_SIDE), text_px=13, at=(700, 900), spacing=40)
+    tile, _ = page(lines, size=(TILE_SIDE, TILE_SIDE), text_px=13, at=(460, 660), spacing=40)
     assert [line.text for line in reader.read(tile)] == lines
     larger, _ = page(lines, size=(1536, 1536), text_px=13, at=(700, 900), spacing=40)
     assert reader.read(larger) == []
+
+
+@pytest.mark.parametrize("corner", ["top left", "middle", "bottom right"])
+def test_a_lone_line_of_13_px_text_reads_anywhere_in_a_tile(reader: TextReader,
+                                                            corner: str) -> None:
+    """A scan's tile often holds one short line and nothing else: it must read wherever it
+    lies. In 1024-px squares the detector missed it at the top left and the bottom right."""
+    at = {"top left": (24, 100), "middle": (TILE_SIDE // 2 - 70, TILE_SIDE // 2),
+          "bottom right": (TILE_SIDE - 200, TILE_SIDE - 40)}[corner]
+    tile, _ = page(["Lot 4471 expires 2027"], size=(TILE_SIDE, TILE_SIDE), text_px=13, at=at)
+    assert [line.text for line in reader.read(tile)] == ["Lot 4471 expires 2027"]
 
 
 def test_a_blank_page_has_no_text(reader: TextReader) -> None:

@@ -41,7 +41,7 @@ def test_boxes_of_a_downscaled_decode_are_in_original_pixels(ocr: Ocr) -> None:
 
 
 def test_a_large_page_is_read_in_tiles_with_lines_across_their_edges(ocr: Ocr) -> None:
-    """2600x1800 in 1024-px tiles (3x2): one line crosses a vertical tile edge, one lies in
+    """2600x1800 in 768-px tiles (5x3): one line crosses a vertical tile edge, one lies in
     the band two tiles share, one is in a single tile; each is read once, whole."""
     image = Image.new("RGB", (2600, 1800), "white")
     across = write(image, "Lot 7731 shipped on Monday", (700, 300), 28)
