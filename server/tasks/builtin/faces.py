@@ -2,7 +2,7 @@
 
 Spatial: a large image is read in overlapping full-resolution tiles of 2048 px, each read as a
 small pyramid (the whole tile, then windows of it), so both a portrait's face and the faces of
-a crowd are found; a face found by two tiles is reported once, the whole copy kept.
+a crowd are found; a face found by two tiles is reported once, the copy that scored best kept.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ class FacesOptions(SpatialOptions):
         description="The lowest score reported (BlazeFace reports nothing below 0.5).")
 
 
-def _area_then_score(face: dict[str, Any]) -> tuple[float, float]:
+def _score_then_area(face: dict[str, Any]) -> tuple[float, float]:
     x0, y0, x1, y1 = face["box"]
-    return (x1 - x0) * (y1 - y0), face["score"]
+    return face["score"], (x1 - x0) * (y1 - y0)
 
 
 def _best_first(faces: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,6 +68,9 @@ class Faces(EngineTask[engine.FaceDetector]):
     def merge(self, parts: Sequence[dict[str, Any]], original: tuple[int, int],
               options: Any) -> dict[str, Any]:
         found = [face for part in parts for face in part["faces"]]
-        kept = suppress_duplicates(found, lambda face: face["box"], _area_then_score,
+        # Best score first, not largest first: a tile whose windows cut a head can report a
+        # loose box around it at a low score, which would swallow the face a neighbour saw
+        # whole. A face cut by a tile's edge scores lower than its whole copy anyway.
+        kept = suppress_duplicates(found, lambda face: face["box"], _score_then_area,
                                    iou_threshold=0.4, containment_threshold=0.7)
         return {"faces": _best_first(kept)}

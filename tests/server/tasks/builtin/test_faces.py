@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from server.tasks.builtin.faces import Faces
-from server.tasks.contract import OptionsError, validate_options
+from server.tasks.contract import OptionsError, parse_options, validate_options
 from server.tasks.results import Faces as FacesResult
 from tests.support.vision_inputs import ASTRONAUT_FACE, overlap, photo, run_task
 
@@ -48,6 +48,32 @@ def test_a_face_in_the_band_two_tiles_share_is_reported_once(faces: Faces) -> No
     assert len(boxes) == 2
     assert 1200 <= boxes[0][0] < boxes[0][2] <= 1500
     assert 2500 <= boxes[1][0] < boxes[1][2] <= 2800
+
+
+def test_a_loose_low_box_from_one_tile_does_not_swallow_the_face_another_saw() -> None:
+    """Two tiles saw one astronaut: one reported her face, the other (its windows cutting her
+    head) a box three times as wide around it at a lower score. The face is what stays."""
+    loose = {"score": 0.63, "box": [1906.2, 1271.1, 2259.9, 1624.8]}
+    face = {"score": 0.828, "box": [2074.0, 1270.0, 2175.0, 1371.0]}
+    merged = Faces().merge([{"faces": [loose]}, {"faces": [face]}], (5000, 3000),
+                           parse_options(Faces(), validate_options(Faces(), {})))
+    assert merged == {"faces": [face]}
+
+
+def test_astronauts_on_a_large_canvas_are_found_where_they_are(faces: Faces) -> None:
+    """5000x3000 in 2048-px tiles, the astronaut pasted three times (once enlarged 2x)."""
+    canvas = Image.new("RGB", (5000, 3000), (90, 100, 110))
+    astronaut = photo("astronaut")
+    placed = [((100, 100), 1), ((1900, 1200), 1), ((3800, 1900), 2)]
+    for (x, y), scale in placed:
+        canvas.paste(astronaut.resize((512 * scale, 512 * scale)), (x, y))
+    result = run_task(faces, canvas)
+    expected = [[x + scale * v if i % 2 == 0 else y + scale * v
+                 for i, v in enumerate(ASTRONAUT_FACE)] for (x, y), scale in placed]
+    found = sorted(face["box"] for face in result["faces"])
+    assert len(found) == 3, result
+    for box, want in zip(found, sorted(expected), strict=True):
+        assert overlap(box, want) > 0.7, (box, want)
 
 
 def test_the_threshold_option(faces: Faces) -> None:
