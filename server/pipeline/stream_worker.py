@@ -64,6 +64,20 @@ MAX_DELIVERIES = 3
 HEARTBEAT_S = 2.0
 BLOCK_MS = 1000
 
+_KEEP_HELD = """
+local kept = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
+"""Of the entries ARGV[3..] of stream KEYS[1], those consumer ARGV[2] of group ARGV[1] still
+holds, their idle time reset (JUSTID: not counted as a delivery). Others were claimed away."""
+
 
 @dataclass(frozen=True)
 class StreamWorkerConfig:
@@ -118,6 +132,9 @@ class StreamWorker:
         self.limits = config.limits
         self._waiting: list[tuple[Waiting, Entry]] = []
         """Jobs read from the stream that the batching policy has not run yet."""
+        self._held_since: dict[tuple[str, bytes], float] = {}
+        """When each waiting job was read or last kept (:meth:`_keep_held`)."""
+        self._keep = self.redis.register_script(_KEEP_HELD)
         self._arrivals = ArrivalGaps()
         self.streams: dict[str, str] = {keys.task_jobs(task): task for task in analyzers}
         """The streams this worker reads (those of the tasks it serves), to their tasks."""
@@ -145,6 +162,7 @@ class StreamWorker:
             with contextlib.suppress(RedisError, OSError):
                 self.process([entry for _, entry in self._waiting])
             self._waiting.clear()
+            self._held_since.clear()
         with_suppressed(lambda: self.redis.hdel(keys.WORKERS, self.name))
         self.pixels.close()
 
@@ -158,6 +176,7 @@ class StreamWorker:
         if entries:
             self.process(entries)
             return len(entries)
+        self._keep_held()
         room = self.limits.largest_batch
         # Block for the first job; with jobs in hand, only top up with those already there.
         self._take_in(self._read(room - len(self._waiting),
@@ -173,6 +192,8 @@ class StreamWorker:
                 chosen = set(batch.take)
                 entries = [entry for i, (_, entry) in enumerate(self._waiting) if i in chosen]
                 self._waiting = [item for i, item in enumerate(self._waiting) if i not in chosen]
+                for entry in entries:
+                    self._held_since.pop(entry[:2], None)
                 self.process(entries)
                 return len(entries)
             block_ms = max(1, math.ceil((batch.wait_s or 0.0) * 1000))
@@ -184,6 +205,33 @@ class StreamWorker:
             now = time.monotonic()
             self._arrivals.arrived(now)
             self._waiting.append((Waiting(self.streams[entry.stream], now), entry))
+            self._held_since[entry[:2]] = now
+
+    def _keep_held(self) -> None:
+        """Jobs read but waiting behind other tasks' batches (a read takes up to a batch from
+        each stream) must not look abandoned: before they have been idle a third of
+        ``claim_idle_ms``, reset their idle time, so no other worker claims (and runs again,
+        counting a delivery) a job this one still means to run. One already claimed away
+        (this worker was slower than ``claim_idle_ms``) is left to its new holder."""
+        now = time.monotonic()
+        due: dict[str, list[bytes]] = defaultdict(list)
+        for _, entry in self._waiting:
+            if now - self._held_since[entry[:2]] >= self.config.claim_idle_ms / 3000:
+                due[entry.stream].append(entry.entry_id)
+        if not due:
+            return
+        kept: set[tuple[str, bytes]] = set()
+        for stream, ids in due.items():
+            reply: Any = self._keep(keys=[stream], args=[keys.JOBS_GROUP, self.name, *ids])
+            kept.update((stream, entry_id) for entry_id in reply)
+        lost = {(stream, entry_id) for stream, ids in due.items() for entry_id in ids} - kept
+        for held in kept:
+            self._held_since[held] = now
+        if lost:
+            log.warning("%d job(s) this worker held were claimed by another", len(lost))
+            self._waiting = [item for item in self._waiting if item[1][:2] not in lost]
+            for held in lost:
+                del self._held_since[held]
 
     def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         """Up to ``count`` new jobs of each task, waiting up to ``block_ms`` for the first

@@ -4,6 +4,7 @@ the shared policy with per-task limits, and runs a tiled analysis's tile jobs.""
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -187,3 +188,25 @@ def test_a_tasks_file_placement_loads_a_task_on_that_many_of_the_machines_worker
     assert mean.device is None  # never set up by the worker it is not placed on
     worker = StreamWorker(config, second, redis=redis)
     assert worker.streams == {keys.task_jobs("spots"): "spots"}
+
+
+def test_jobs_held_behind_another_tasks_batch_stay_this_workers_unless_claimed_away(
+        redis: redis_sync.Redis) -> None:
+    image = spots_png(40, 30, [[1, 1, 4, 4]])
+    for index, task in enumerate(["spots", "mean", "mean", "mean"]):
+        enqueue(redis, Job(f"j{index}", task, {}, ImageRef(len(image), data=image), MAX_PIXELS))
+    # claim_idle_ms=0: every held job is due to be kept at each step.
+    holder = make_worker(redis, name="holder", max_wait_ms=0, claim_idle_ms=0)
+    holder._last_claim = math.inf  # it claims nothing itself here
+    assert holder.step() == 1  # spots ran; the mean jobs wait in its hands
+    assert pending_of(redis, "mean") == {"holder": 3}
+    holder._keep_held()
+    details: Any = redis.xpending_range(keys.task_jobs("mean"), keys.JOBS_GROUP, "-", "+", 10)
+    assert [(d["consumer"], d["times_delivered"]) for d in details] == [(b"holder", 1)] * 3
+    # Another worker takes two of them over (as if the holder had stalled past claim_idle_ms).
+    ids = [d["message_id"] for d in details]
+    redis.xclaim(keys.task_jobs("mean"), keys.JOBS_GROUP, "other", 0, ids[:2])
+    assert holder.step() == 1  # the one still its own; the others are left to "other"
+    assert redis.get(keys.job_outcome("j3")) is not None
+    assert redis.get(keys.job_outcome("j1")) is None
+    assert pending_of(redis, "mean") == {"other": 2}
