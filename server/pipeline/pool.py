@@ -440,20 +440,25 @@ class WorkerPool:
         )
         worker.reader.start()
 
+    def _on_events(self, worker: _Worker, events: list[WorkerEvent]) -> None:
+        for event in events:
+            self._on_event(worker, event)
+
     def _read_worker(self, worker: _Worker) -> None:
-        """Reader thread: forwards one worker's events to the loop until its pipe closes."""
+        """Reader thread: forwards one worker's events (a list per message) to the loop until
+        its pipe closes."""
         assert self._loop is not None
         loop = self._loop
         while True:
             try:
-                event = worker.conn.recv()
+                events = worker.conn.recv()
             except (EOFError, OSError):
                 break
             except Exception:  # an unpicklable event: a bug in the worker, not fatal here
                 log.exception("unreadable event from worker %s", worker.process.pid)
                 continue
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(self._on_event, worker, event)
+                loop.call_soon_threadsafe(self._on_events, worker, events)
         worker.process.join()
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._on_exit, worker)

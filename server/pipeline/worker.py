@@ -99,7 +99,7 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     Image.MAX_IMAGE_PIXELS = None
     analyzers = load_tasks(config)
     pixels = PixelCache()
-    conn.send(WorkerReady(pid=os.getpid(), models={t: a.model.id for t, a in analyzers.items()}))
+    conn.send([WorkerReady(pid=os.getpid(), models={t: a.model.id for t, a in analyzers.items()})])
     try:
         serve(conn, analyzers, pixels)
     finally:
@@ -107,7 +107,13 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
 
 
 def serve(conn: Connection, analyzers: Mapping[str, Task], pixels: PixelCache) -> None:
-    """The worker's loop: batches, until told to stop or the gateway goes."""
+    """The worker's loop: batches, until told to stop or the gateway goes.
+
+    Events go to the gateway in lists, a few per batch: each message wakes a thread and the
+    event loop there, so a batch's outcomes travel together. A list is sent as soon as it
+    holds a stage reached or a tile plan (work starts on it now, here or in the gateway),
+    and at the end of the batch.
+    """
     while True:
         try:
             message = conn.recv()
@@ -116,8 +122,14 @@ def serve(conn: Connection, analyzers: Mapping[str, Task], pixels: PixelCache) -
         if isinstance(message, Shutdown):
             return
         if isinstance(message, Batch):
+            events: list[WorkerEvent] = []
             for event in run_batch(analyzers, message, pixels):
-                conn.send(event)
+                events.append(event)
+                if isinstance(event, (StageReached, TilesPlanned)):
+                    conn.send(events)
+                    events = []
+            if events:
+                conn.send(events)
         elif isinstance(message, ReleasePixels):
             pixels.release(message.pixels)
 
@@ -169,14 +181,19 @@ def run_batch(analyzers: Mapping[str, Task], batch: Batch,
     prepared: list[_Prepared] = []
     own_pixels = pixels is None
     pixels = PixelCache() if pixels is None else pixels
+    for job in batch.jobs:
+        if job.task not in analyzers:
+            yield JobFailed(job.job_id, ErrorCode.UNKNOWN_TASK,
+                            f"no worker model for {job.task!r}")
+    # One stage for the batch: its jobs are decoded one after another, a few ms each.
+    decoding = [job.job_id for job in batch.jobs if job.task in analyzers]
+    if decoding:
+        yield StageReached(decoding, Stage.DECODING)
     try:
         for job in batch.jobs:
             analyzer = analyzers.get(job.task)
             if analyzer is None:
-                yield JobFailed(job.job_id, ErrorCode.UNKNOWN_TASK,
-                                f"no worker model for {job.task!r}")
                 continue
-            yield StageReached([job.job_id], Stage.DECODING)
             started = time.perf_counter()
             try:
                 planned, ready = _prepare(analyzer, job, pixels, started)

@@ -17,10 +17,12 @@ from server.pipeline.jobs import (
     Job,
     JobDone,
     JobFailed,
+    Shutdown,
     StageReached,
     WorkerEvent,
 )
-from server.pipeline.worker import WorkerConfig, load_tasks, run_batch
+from server.pipeline.worker import WorkerConfig, load_tasks, run_batch, serve
+from server.runtime.pixels import PixelCache
 from server.storage.base import ImageRef
 from server.tasks.builtin.colors import Colors
 from server.tasks.contract import DecodeHint, Task, TaskOptions, View
@@ -109,13 +111,11 @@ def assert_clean(failed: JobDone | JobFailed, code: ErrorCode) -> None:
 def test_events_come_in_stage_order_with_one_outcome_per_job() -> None:
     analyzer = FakeAnalyzer()
     events = run(analyzer, job(1, 11, colors=2), job(2, 12), job(3, 13))
-    assert events[:4] == [
-        StageReached([1], Stage.DECODING),
-        StageReached([2], Stage.DECODING),
-        StageReached([3], Stage.DECODING),
+    assert events[:2] == [
+        StageReached([1, 2, 3], Stage.DECODING),
         StageReached([1, 2, 3], Stage.INFERENCE),
     ]
-    done = events[4:]
+    done = events[2:]
     assert [type(e) for e in done] == [JobDone] * 3
     assert [e.job_id for e in done] == [1, 2, 3]
     assert [e.result for e in done] == [  # type: ignore[union-attr]
@@ -207,7 +207,7 @@ def test_a_missing_spool_file_fails_that_job(tmp_path: Path) -> None:
     gone = tmp_path / "released-spool-file"
     missing = Job(2, "fake", {}, ImageRef(size=100, path=str(gone)), MAX_PIXELS)
     events = run(FakeAnalyzer(), job(1, 11), missing)
-    assert StageReached([2], Stage.DECODING) in events
+    assert StageReached([1, 2], Stage.DECODING) in events
     result = outcomes(events)
     assert_clean(result[2], ErrorCode.INTERNAL)
     assert str(tmp_path) not in result[2].message  # type: ignore[union-attr]
@@ -283,3 +283,40 @@ def test_the_image_is_described_as_displayed() -> None:
     assert isinstance(done, JobDone)
     assert done.image == {"width": 40, "height": 60, "format": "PNG"}
     assert done.result == {"value": 400, "options": {}}  # preprocess saw the upright width
+
+
+class RecordingPipe:
+    """The worker's end of the pipe: hands out ``messages``, records what is sent back."""
+
+    def __init__(self, *messages: Any) -> None:
+        self.incoming = list(messages)
+        self.sent: list[Any] = []
+
+    def recv(self) -> Any:
+        return self.incoming.pop(0)
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+
+def test_serve_sends_a_batch_s_events_in_a_few_lists_each_stage_at_once() -> None:
+    garbage = Job(2, "fake", {}, ImageRef(size=5, data=b"hello"), MAX_PIXELS)
+    batch = Batch([job(1, 11), garbage, job(3, 13), job(4, 14, task="nope")])
+    pipe = RecordingPipe(batch, Shutdown())
+    pixels = PixelCache()
+    try:
+        serve(pipe, {"fake": FakeAnalyzer()}, pixels)  # type: ignore[arg-type]
+    finally:
+        pixels.close()
+    assert pipe.incoming == []  # it returned at Shutdown
+    # The events run_batch yields, in order, cut after each stage (work starts there).
+    assert pipe.sent[:2] == [
+        [JobFailed(4, ErrorCode.UNKNOWN_TASK, "no worker model for 'nope'"),
+         StageReached([1, 2, 3], Stage.DECODING)],
+        [outcomes(pipe.sent[1])[2], StageReached([1, 3], Stage.INFERENCE)],
+    ]
+    assert_clean(outcomes(pipe.sent[1])[2], ErrorCode.INVALID_IMAGE)
+    assert len(pipe.sent) == 3
+    assert [type(e) for e in pipe.sent[2]] == [JobDone, JobDone]
+    assert [e.result for e in pipe.sent[2]] == [{"value": 110, "options": {}},
+                                                 {"value": 130, "options": {}}]
