@@ -222,7 +222,13 @@ class StreamWorker:
             return
         kept: set[tuple[str, bytes]] = set()
         for stream, ids in due.items():
-            reply: Any = self._keep(keys=[stream], args=[keys.JOBS_GROUP, self.name, *ids])
+            try:
+                reply: Any = self._keep(keys=[stream], args=[keys.JOBS_GROUP, self.name, *ids])
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                ensure_groups_sync(self.redis, self.tasks)  # Redis restarted empty: all lost
+                continue
             kept.update((stream, entry_id) for entry_id in reply)
         lost = {(stream, entry_id) for stream, ids in due.items() for entry_id in ids} - kept
         for held in kept:

@@ -210,3 +210,17 @@ def test_jobs_held_behind_another_tasks_batch_stay_this_workers_unless_claimed_a
     assert redis.get(keys.job_outcome("j3")) is not None
     assert redis.get(keys.job_outcome("j1")) is None
     assert pending_of(redis, "mean") == {"other": 2}
+
+
+def test_jobs_held_when_redis_restarted_empty_are_dropped_and_the_groups_made_again(
+        redis: redis_sync.Redis) -> None:
+    image = spots_png(40, 30, [[1, 1, 4, 4]])
+    for index, task in enumerate(["spots", "mean"]):
+        enqueue(redis, Job(f"j{index}", task, {}, ImageRef(len(image), data=image), MAX_PIXELS))
+    holder = make_worker(redis, name="holder", max_wait_ms=0, claim_idle_ms=0)
+    holder._last_claim = math.inf
+    assert holder.step() == 1  # the mean job waits in its hands
+    redis.flushdb()  # as a restart without persistence leaves it
+    holder._keep_held()
+    assert holder.step() == 0  # nothing held, nothing new (the job went with Redis)
+    assert redis.xinfo_groups(keys.task_jobs("mean"))[0]["name"] == keys.JOBS_GROUP.encode()
