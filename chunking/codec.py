@@ -257,9 +257,44 @@ def _parse_client(obj: dict[str, Any], payload: memoryview | None, limits: Limit
     raise f.bad(f"unknown message type {kind!r}")
 
 
-def parse_client_text(data: str | bytes, limits: Limits) -> ClientMessage:
-    """Parse one text frame from a client. Raises ProtocolError with the table's code."""
+def parse_client_text(data: str | bytes, limits: Limits, *,
+                      data_span: tuple[int, int] | None = None) -> ClientMessage:
+    """Parse one text frame from a client. Raises ProtocolError with the table's code.
+
+    ``data_span``: where the characters of the first ``"data":`` string value lie in ``data``
+    (without its quotes), when the caller has found them (the server bounds a text's other
+    fields by that scan, see ``server.bounded_json``). When that string is the object's last
+    member and holds no escape, as every client writes a chunk or frame, the JSON parser reads
+    only the fields around it, and the Base64 goes to the decoder without a pass through the
+    parser (a copy and a scan of every character). The answer is the same either way: anything
+    the short path does not accept is parsed in full.
+    """
+    if data_span is not None and (message := _parse_data_last(data, data_span, limits)):
+        return message
     return _parse_client(_load_object(data), None, limits)
+
+
+def _parse_data_last(text: str | bytes, span: tuple[int, int], limits: Limits
+                     ) -> ClientMessage | None:
+    """:func:`parse_client_text`'s short path; None where the full parse must decide."""
+    start, end = span
+    if not isinstance(text, str):
+        return None
+    # The string ends the text (only "}" and spaces after it): it is the last member of the
+    # top-level object, so no member besides it is skipped, nested or repeated after it.
+    if not (0 < start <= end < len(text) and text[end] == '"'
+            and text[end + 1:].strip() == "}"):
+        return None
+    if text.find("\\", start, end) >= 0:  # "\/" and the like: the parser's business
+        return None
+    try:
+        obj = _load_object(text[:start] + text[end:])  # the message with "data": ""
+        if obj.get("data") != "":
+            return None  # the string emptied was not the value of the object's "data"
+        obj["data"] = text[start:end]
+        return _parse_client(obj, None, limits)
+    except ProtocolError:
+        return None  # the full parse names the fault (a bad JSON text, bad Base64, ...)
 
 
 def parse_client_binary(frame: bytes | bytearray | memoryview, limits: Limits) -> Chunk | Frame:

@@ -71,12 +71,22 @@ def fields_size(raw: Text, key: str) -> int:
 def check_fields(raw: Text, key: str, limit: int = FIELDS_LIMIT) -> Text:
     """``raw`` itself, once what lies outside its ``key`` string is within ``limit``; else
     ProtocolError(too_large), before anything is parsed."""
-    if len(raw) > limit and fields_size(raw, key) > limit:
+    check_fields_span(raw, key, limit)
+    return raw
+
+
+def check_fields_span(raw: Text, key: str, limit: int = FIELDS_LIMIT) -> tuple[int, int] | None:
+    """:func:`check_fields`, returning what its scan found: the :func:`string_value_span` of
+    ``key`` in a text longer than ``limit`` (None for a shorter text, which is not scanned)."""
+    if len(raw) <= limit:
+        return None
+    span = string_value_span(raw, key)
+    if (len(raw) if span is None else len(raw) - (span[1] - span[0])) > limit:
         raise ProtocolError(
             ErrorCode.TOO_LARGE,
             f"the fields besides {key!r} exceed {limit} bytes",
         )
-    return raw
+    return span
 
 
 async def loads(raw: bytes | bytearray) -> Any:

@@ -47,7 +47,7 @@ from chunking.messages import (
     Welcome,
 )
 from chunking.reassembler import Appended, UploadState
-from server.bounded_json import check_fields
+from server.bounded_json import check_fields_span
 from server.limits import TokenBucket
 from server.storage.base import ImageRef, UploadHandle
 from server.tasks.contract import Task
@@ -107,8 +107,11 @@ class ServerConnection:
                           default_task=service.default_task))
 
     async def receive_text(self, text: str) -> None:
-        await self._receive(
-            lambda: parse_client_text(check_fields(text, "data"), self.app.limits), len(text))
+        def parse() -> ClientMessage:
+            span = check_fields_span(text, "data")  # the scan finds the Base64 for the codec
+            return parse_client_text(text, self.app.limits, data_span=span)
+
+        await self._receive(parse, len(text))
 
     async def receive_binary(self, data: bytes) -> None:
         await self._receive(lambda: parse_client_binary(data, self.app.limits), len(data))

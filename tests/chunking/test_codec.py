@@ -350,6 +350,107 @@ def test_any_message_shaped_object_parses_or_fails_with_a_typed_error(obj: dict[
         assert message.type == obj["type"]
 
 
+# The short path for Base64 data (parse_client_text's data_span) ----------------------------
+
+
+def data_span(wire: str) -> tuple[int, int] | None:
+    """Where the first ``"data":`` string's characters lie, found as the server finds them
+    (server.bounded_json.string_value_span: the next quote ends it)."""
+    at = wire.find('"data"')
+    if at < 0:
+        return None
+    at += len('"data"')
+    while at < len(wire) and wire[at] in " \t\r\n":
+        at += 1
+    if wire[at:at + 1] != ":":
+        return None
+    at += 1
+    while at < len(wire) and wire[at] in " \t\r\n":
+        at += 1
+    if wire[at:at + 1] != '"':
+        return None
+    end = wire.find('"', at + 1)
+    return None if end < 0 else (at + 1, end)
+
+
+def outcome(wire: str, span: tuple[int, int] | None) -> Any:
+    """The message parsed, or the error's code and names."""
+    try:
+        return parse_client_text(wire, LIMITS, data_span=span)
+    except ProtocolError as exc:
+        return (exc.code, exc.upload_id, exc.stream, exc.seq, exc.message_type)
+
+
+SHORT_PATH_TEXTS = {
+    "chunk, data last": '{"type":"chunk","id":"u1","offset":3,"data":"eHl6"}',
+    "spaces around": '{ "type" : "chunk", "id":"u1", "offset":3, "data" : "eHl6" } \n',
+    "frame, data last": '{"type":"frame","stream":"c","seq":2,"options":{"k":1},"data":"eHl6"}',
+    "data first": '{"data":"eHl6","type":"chunk","id":"u1","offset":3}',
+    "escaped slash": '{"type":"chunk","id":"u1","offset":0,"data":"\\/\\/\\/\\/"}',
+    "escaped quote": '{"type":"chunk","id":"u1","offset":0,"data":"eH\\"l6"}',
+    "data twice, last one wins": '{"data":"YWJj","type":"chunk","id":"u1","offset":0,'
+                                 '"data":"eHl6"}',
+    "escaped key first": '{"d\\u0061ta":"YWJj","type":"chunk","id":"u1","offset":0,'
+                         '"data":"eHl6"}',
+    "nested data last": '{"type":"frame","stream":"c","seq":2,"options":{"data":"eHl6"}}',
+    "nested data first": '{"type":"chunk","options":{"data":"YWJj"},"id":"u1","offset":0,'
+                         '"data":"eHl6"}',
+    "nested data, empty data": '{"options":{"data":"YWJj"},"type":"chunk","id":"u1",'
+                               '"offset":0,"data":""}',
+    "data as an id": '{"type":"chunk","id":"data","offset":0,"data":"eHl6"}',
+    "bad Base64": '{"type":"chunk","id":"u1","offset":0,"data":"e!l6"}',
+    "control character": '{"type":"chunk","id":"u1","offset":0,"data":"eH\tl6"}',
+    "not ASCII": '{"type":"chunk","id":"u1","offset":0,"data":"eHé6"}',
+    "too large": '{"type":"chunk","id":"u1","offset":0,"data":"' + b64(b"x" * 301) + '"}',
+    "empty data": '{"type":"chunk","id":"u1","offset":0,"data":""}',
+    "empty frame": '{"type":"frame","stream":"c","seq":2,"data":""}',
+    "unterminated": '{"type":"chunk","id":"u1","offset":0,"data":"eHl6"',
+    "text after the object": '{"type":"chunk","id":"u1","offset":0,"data":"eHl6"}x',
+    "two closing braces": '{"type":"chunk","id":"u1","offset":0,"data":"eHl6"}}',
+    "bad JSON before": '{"type":"chunk","id":"u1","offset":0,,"data":"eHl6"}',
+    "a field missing": '{"type":"chunk","id":"u1","data":"eHl6"}',
+    "an upload": '{"type":"upload","id":"u1","size":5,"data":"eHl6"}',
+    "bad id": '{"type":"chunk","id":"u 1","offset":0,"data":"eHl6"}',
+}
+
+
+@pytest.mark.parametrize("wire", SHORT_PATH_TEXTS.values(), ids=SHORT_PATH_TEXTS.keys())
+def test_the_data_span_changes_no_answer(wire: str) -> None:
+    assert outcome(wire, data_span(wire)) == outcome(wire, None)
+
+
+def test_a_chunks_base64_skips_the_json_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chunking.codec
+
+    parsed: list[int] = []
+    load = chunking.codec._load_object
+
+    def counted(data: Any) -> dict[str, Any]:
+        parsed.append(len(data))
+        return load(data)
+
+    monkeypatch.setattr(chunking.codec, "_load_object", counted)
+    payload = bytes(range(256)) * 1024
+    wire = encode_client_text(Chunk(id="u1", offset=0, data=payload)).decode()
+    message = parse_client_text(wire, Limits(), data_span=data_span(wire))
+    assert message == Chunk(id="u1", offset=0, data=payload)
+    assert parsed
+    assert max(parsed) < 100  # the fields around the data only
+    parsed.clear()
+    parse_client_text(wire, Limits())  # without the span: the whole text
+    assert parsed == [len(wire)]
+
+
+@settings(max_examples=1000)
+@given(message_like, st.booleans())
+def test_any_message_answers_alike_with_its_data_span(obj: dict[str, Any],
+                                                      data_last: bool) -> None:
+    if data_last and "data" in obj:
+        obj = {**{k: v for k, v in obj.items() if k != "data"}, "data": obj["data"]}
+    wire = orjson.dumps(obj).decode()
+    assert outcome(wire, data_span(wire)) == outcome(wire, None)
+
+
 # Golden vectors shared with client_js -------------------------------------------------------
 
 

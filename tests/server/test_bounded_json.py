@@ -9,6 +9,7 @@ from chunking.errors import ErrorCode, ProtocolError
 from server.bounded_json import (
     FIELDS_LIMIT,
     check_fields,
+    check_fields_span,
     fields_size,
     loads,
     string_value_span,
@@ -37,6 +38,15 @@ def test_without_a_string_value_everything_counts(text: str) -> None:
 def test_a_large_image_with_small_fields_passes_untouched() -> None:
     body = orjson.dumps({"image": IMAGE, "task": "colors", "options": {"colors": 3}})
     assert check_fields(body, "image") is body
+
+
+def test_the_check_returns_the_span_it_found_in_a_large_text() -> None:
+    body = orjson.dumps({"task": "colors", "image": IMAGE})
+    start, end = check_fields_span(body, "image") or (0, 0)
+    assert body[start:end] == IMAGE.encode()
+    assert check_fields_span(b'{"image": "QUJD"}', "image") is None  # short: not scanned
+    with pytest.raises(ProtocolError):
+        check_fields_span(orjson.dumps({"image": "AAAA", "x": [{}] * 40_000}), "image")
 
 
 @pytest.mark.parametrize("body", [
