@@ -32,7 +32,7 @@ from server.pipeline.pixel_source import PixelSource
 from server.runtime.pixels import PixelCache
 from server.storage.base import ImageRef
 from server.tasks.contract import Task, View, parse_options
-from server.tasks.spatial import tile_boxes
+from server.tasks.spatial import fit_tiling, tile_boxes
 
 TILE_WINDOW = 16
 """Tiles of one image queued at once when the queue does not say (``tile_window``)."""
@@ -67,7 +67,9 @@ def plan(job: Job, task: Task, source: PixelSource, cache: PixelCache,
         raise
     decode_ms = (time.perf_counter() - started) * 1000
     width, height = source.original
-    boxes = tile_boxes(width, height, task.tiling.size, task.tiling.overlap)
+    size, overlap = fit_tiling(width, height, task.tiling.size, task.tiling.overlap,
+                               task.tiling.max_tiles)
+    boxes = tile_boxes(width, height, size, overlap)
     parent = Job(job.job_id, job.task, job.options, _without_data(job.image), job.max_pixels)
     return TilesPlanned(job.job_id, handle, boxes, source.original,
                         source.info.described(source.original), decode_ms, parent)

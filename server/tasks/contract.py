@@ -93,18 +93,29 @@ class DecodeHint:
     min_short_side: int | None
 
 
+MAX_TILES = 512
+"""Tiles of one image at most, by default: a model with a small input (a 64-px detector)
+would otherwise cut a 100-megapixel image into tens of thousands of tiles, hours of work for
+one upload."""
+
+
 @dataclass(frozen=True)
 class Tiling:
     """How a spatial task cuts a large image: squares of ``size`` pixels at full resolution,
     neighbours overlapping by ``overlap`` pixels (an object cut by one tile's edge lies whole
-    in its neighbour when it is smaller than the overlap)."""
+    in its neighbour when it is smaller than the overlap). An image that would need more than
+    ``max_tiles`` tiles gets fewer, larger ones (see :func:`server.tasks.spatial.fit_tiling`),
+    which the task sees downscaled."""
 
     size: int
     overlap: int
+    max_tiles: int = MAX_TILES
 
     def __post_init__(self) -> None:
         if self.size < 16 or not 0 <= self.overlap < self.size // 2:
             raise ValueError("a tile must be at least 16 px and overlap less than half of it")
+        if self.max_tiles < 1:
+            raise ValueError("max_tiles must be at least 1")
 
 
 @dataclass(frozen=True)

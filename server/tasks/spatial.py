@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 __all__ = [
     "area",
     "containment",
+    "fit_tiling",
     "intersection",
     "iou",
     "suppress_duplicates",
@@ -49,6 +50,27 @@ def tile_boxes(width: int, height: int, size: int, overlap: int
     xs = tile_starts(width, size, overlap)
     ys = tile_starts(height, size, overlap)
     return [(x, y, min(x + size, width), min(y + size, height)) for y in ys for x in xs]
+
+
+def fit_tiling(width: int, height: int, size: int, overlap: int, max_tiles: int
+               ) -> tuple[int, int]:
+    """``(size, overlap)`` for a ``width`` x ``height`` image: the task's own, or, where its
+    grid would hold more than ``max_tiles`` tiles, the smallest larger tiles (the overlap
+    grown in proportion) whose grid holds no more."""
+
+    def count(side: int, shared: int) -> int:
+        return len(tile_starts(width, side, shared)) * len(tile_starts(height, side, shared))
+
+    if count(size, overlap) <= max_tiles:
+        return size, overlap
+    low, high = size, max(width, height, size)  # one tile of the whole image always fits
+    while low + 1 < high:  # the count falls as tiles grow: the smallest side that fits
+        middle = (low + high) // 2
+        if count(middle, overlap * middle // size) <= max_tiles:
+            high = middle
+        else:
+            low = middle
+    return high, overlap * high // size
 
 
 def area(box: Sequence[float]) -> float:

@@ -26,7 +26,7 @@ from server.pipeline.worker import WorkerConfig
 from server.runtime.tiling import needs_tiles, run_tiles, wants_tiles
 from server.storage.base import ImageRef
 from server.storage.memory import LruResultCache
-from server.tasks.contract import SpatialOptions, View
+from server.tasks.contract import SpatialOptions, Tiling, View
 from server.tasks.registry import Registry
 from server.tasks.spatial import tile_boxes
 from tests.support.gate import gate_closed
@@ -193,6 +193,39 @@ async def test_an_exif_rotated_image_is_tiled_and_described_as_displayed(
         payload, _ = await service.run(task, options, inline(out.getvalue()), None, Stages())
     assert payload["result"]["spots"] == sorted([float(v) for v in spot] for spot in SPOTS)
     assert payload["image"] == {"width": WIDTH, "height": HEIGHT, "format": "PNG"}
+
+
+class FewSpots(Spots):
+    """``spots`` allowed 6 tiles an image: its 64-px grid of 24 on the test image is too many."""
+
+    name = "few-spots"
+    tiling = Tiling(size=64, overlap=16, max_tiles=6)
+
+
+async def test_an_image_needing_more_tiles_than_allowed_gets_fewer_larger_ones() -> None:
+    pool = WorkerPool(WorkerConfig((FewSpots(),)), workers=1, max_batch_size=4, max_wait_ms=0,
+                      max_queue=64, metrics=Metrics())
+    await pool.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await pool.wait_ready()
+        service = AnalysisService(Registry([FewSpots()]), pool, LruResultCache(10), Metrics(),
+                                  MAX_PIXELS)
+        stages = Stages()
+        task, options = service.resolve("few-spots", {})
+        async with asyncio.timeout(WAIT_S):
+            payload, _ = await service.run(task, options, inline(spots_png()), None, stages)
+    finally:
+        async with asyncio.timeout(WAIT_S):
+            await pool.stop(grace_s=2)
+    result = payload["result"]
+    assert result["spots"] == sorted([float(v) for v in spot] for spot in SPOTS)
+    assert result["tiles"] <= 6
+    counts = [c for stage, _, c in stages.seen if stage == "inference"]
+    assert counts[-1] == (result["tiles"], result["tiles"])
+    # Larger tiles than the task's 64 px, still read at full resolution.
+    regions = {tuple(region) for batch in result["batches"] for region in batch}
+    assert all(x1 - x0 > 64 for x0, _, x1, _ in regions)
 
 
 async def test_tiles_false_asks_for_one_downscaled_pass(pool: WorkerPool, gate_path: str

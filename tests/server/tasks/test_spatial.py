@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from server.tasks.spatial import (
     containment,
+    fit_tiling,
     iou,
     suppress_duplicates,
     tile_boxes,
@@ -54,6 +55,32 @@ def test_tiles_cover_the_side_with_the_promised_overlap(length: int, size: int,
     if len(starts) > 1:
         stride = size - overlap
         assert (len(starts) - 2) * stride + size < length
+
+
+def test_a_grid_within_the_budget_is_the_tasks_own() -> None:
+    assert fit_tiling(12000, 9000, 768, 192, 512) == (768, 192)  # 336 tiles
+    assert fit_tiling(512, 512, 64, 16, 512) == (64, 16)
+
+
+def test_a_small_input_on_a_huge_image_gets_fewer_larger_tiles() -> None:
+    """A 64-px detector on 12000x9000 would need 45,000 tiles; at most 512 it gets."""
+    assert len(tile_boxes(12000, 9000, 64, 16)) > 40_000
+    size, overlap = fit_tiling(12000, 9000, 64, 16, 512)
+    assert len(tile_boxes(12000, 9000, size, overlap)) <= 512
+    assert overlap == 16 * size // 64
+    # The smallest such tiles: one pixel less and the grid is over the budget.
+    assert len(tile_boxes(12000, 9000, size - 1, 16 * (size - 1) // 64)) > 512
+
+
+@given(width=st.integers(1, 20000), height=st.integers(1, 20000), size=st.integers(16, 2048),
+       budget=st.integers(1, 2000), data=st.data())
+def test_a_fitted_grid_keeps_within_its_budget(width: int, height: int, size: int, budget: int,
+                                               data: st.DataObject) -> None:
+    overlap = data.draw(st.integers(0, size // 2 - 1))
+    fitted, shared = fit_tiling(width, height, size, overlap, budget)
+    assert fitted >= size
+    assert 0 <= shared < fitted // 2
+    assert len(tile_boxes(width, height, fitted, shared)) <= budget
 
 
 def test_bad_grids_are_refused() -> None:
