@@ -8,6 +8,7 @@ cheap to import in the gateway.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -114,24 +115,59 @@ def suppress_duplicates(
     that overlaps a kept one by IoU >= ``iou_threshold`` or (when set) has >= ``containment``
     of the smaller box inside the other, and for which ``same(kept, item)`` holds (e.g. the
     same label; None: any two). Rank by size first to prefer the whole object over the part of
-    it a tile's edge cut off. Returns the kept items in their original order."""
+    it a tile's edge cut off. Returns the kept items in their original order.
+
+    Each item is compared only with the kept items near it (a grid of cells about a box's
+    size): hundreds of tiles of a detector give tens of thousands of boxes, which all-pairs
+    comparison took minutes over."""
+    boxes = [box(item) for item in items]
     order = sorted(range(len(items)), key=lambda index: rank(items[index]), reverse=True)
+    # Boxes that do not overlap are never duplicates, unless a threshold of 0 says so.
+    nearby_only = iou_threshold > 0 and (containment_threshold is None
+                                         or containment_threshold > 0)
+    cell = _cell_size(boxes)
+    grid: dict[tuple[int, int], list[int]] = {}
     kept: list[int] = []
     for index in order:
         candidate = items[index]
-        candidate_box = box(candidate)
+        candidate_box = boxes[index]
+        cells = _cells(candidate_box, cell) if nearby_only else [(0, 0)]
+        compared: set[int] = set()
         duplicate = False
-        for kept_index in kept:
-            other = items[kept_index]
-            if same is not None and not same(other, candidate):
-                continue
-            other_box = box(other)
-            if iou(other_box, candidate_box) >= iou_threshold or (
-                containment_threshold is not None
-                and containment(other_box, candidate_box) >= containment_threshold
-            ):
-                duplicate = True
+        for key in cells:
+            for kept_index in grid.get(key, ()):
+                if kept_index in compared:
+                    continue
+                compared.add(kept_index)
+                other = items[kept_index]
+                if same is not None and not same(other, candidate):
+                    continue
+                other_box = boxes[kept_index]
+                if iou(other_box, candidate_box) >= iou_threshold or (
+                    containment_threshold is not None
+                    and containment(other_box, candidate_box) >= containment_threshold
+                ):
+                    duplicate = True
+                    break
+            if duplicate:
                 break
         if not duplicate:
             kept.append(index)
+            for key in cells:
+                grid.setdefault(key, []).append(index)
     return [items[index] for index in sorted(kept)]
+
+
+def _cell_size(boxes: Sequence[Sequence[float]]) -> float:
+    """The median box's longer side: most boxes then span at most four cells."""
+    if not boxes:
+        return 1.0
+    sides = sorted(max(b[2] - b[0], b[3] - b[1]) for b in boxes)
+    return max(1.0, float(sides[len(sides) // 2]))
+
+
+def _cells(box: Sequence[float], cell: float) -> list[tuple[int, int]]:
+    """The grid cells a box touches: two boxes that overlap share at least one."""
+    x0, x1 = math.floor(box[0] / cell), math.floor(box[2] / cell)
+    y0, y1 = math.floor(box[1] / cell), math.floor(box[3] / cell)
+    return [(x, y) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)]
