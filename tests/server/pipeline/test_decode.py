@@ -590,6 +590,36 @@ def test_every_input_kind_gives_the_same_result(big_jpeg: Path, source: str) -> 
     assert result.image.tobytes() == expected.image.tobytes()
 
 
+@pytest.mark.parametrize("read_whole", [True, False], ids=["read-whole", "streamed"])
+@pytest.mark.parametrize(("name", "data"), SMALL_IMAGES, ids=[n for n, _ in SMALL_IMAGES])
+def test_a_file_decodes_as_its_bytes_whether_read_whole_or_not(
+    name: str, data: bytes, read_whole: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    limit = len(data) if read_whole else len(data) - 1
+    monkeypatch.setattr(decode_module, "READ_WHOLE_BYTES", limit)
+    result = run_decode(path, short=20)
+    expected = run_decode(data, short=20)
+    assert result.info == expected.info
+    assert result.image.size == expected.image.size
+    assert result.image.tobytes() == expected.image.tobytes()
+
+
+def test_a_small_file_is_read_whole_not_peeked_at(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(SMALL, "JPEG")
+    assert len(data) <= decode_module.READ_WHOLE_BYTES
+    path = tmp_path / "small.jpg"
+    path.write_bytes(data)
+
+    def no_file_source(*args: object) -> None:
+        raise AssertionError("a small file was read a field at a time")
+
+    monkeypatch.setattr(decode_module, "_FileSource", no_file_source)
+    assert run_decode(path).info == ImageInfo(123, 45, "JPEG")
+
+
 @pytest.mark.parametrize("source", ["path", "bytes", "bytearray", "memoryview"])
 def test_input_is_not_copied_whole(big_jpeg: Path, source: str) -> None:
     # tracemalloc sees Python-level copies (bytes, BytesIO buffers), not Pillow's pixel
