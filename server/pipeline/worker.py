@@ -155,7 +155,7 @@ def _prepare(analyzer: Task, job: Job, pixels: PixelCache, started: float
     tiles to run instead (:mod:`server.runtime.tiling`)."""
     options = parse_options(analyzer, job.options)
     if job.tile is not None:
-        view, image = tiling.tile_view(job, pixels)
+        view, image = tiling.tile_view(job, analyzer, pixels)
     else:
         source = job.image.path if job.image.path is not None else job.image.data
         assert source is not None

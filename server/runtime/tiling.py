@@ -70,19 +70,24 @@ def plan(job: Job, task: Task, source: PixelSource, cache: PixelCache,
     size, overlap = fit_tiling(width, height, task.tiling.size, task.tiling.overlap,
                                task.tiling.max_tiles)
     boxes = tile_boxes(width, height, size, overlap)
+    if task.tiling.overview:
+        boxes.insert(0, (0, 0, width, height))  # no tile is the whole image: see tile_view
     parent = Job(job.job_id, job.task, job.options, _without_data(job.image), job.max_pixels)
     return TilesPlanned(job.job_id, handle, boxes, source.original,
                         source.info.described(source.original), decode_ms, parent)
 
 
-def tile_view(job: Job, cache: PixelCache) -> tuple[View, dict[str, Any]]:
-    """A tile job's pixels (full resolution) and the image's description."""
+def tile_view(job: Job, task: Task, cache: PixelCache) -> tuple[View, dict[str, Any]]:
+    """A tile job's pixels (full resolution; the overview, the box of the whole image, at the
+    task's one-pass decode size) and the image's description."""
     tile = job.tile
     assert tile is not None
     source = job.image.path if job.image.path is not None else job.image.data
     pixels = cache.get(tile.pixels, source, max_pixels=job.max_pixels)
-    return (View(pixels.region(tile.box), tile.original, tile.box),
-            pixels.info.described(tile.original))
+    described = pixels.info.described(tile.original)
+    if tile.box == (0, 0, *tile.original):  # only an overview: tiles are smaller than that
+        return View.whole(pixels.whole(task.decode.min_short_side), tile.original), described
+    return View(pixels.region(tile.box), tile.original, tile.box), described
 
 
 def _without_data(image: ImageRef) -> ImageRef:

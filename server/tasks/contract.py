@@ -105,11 +105,15 @@ class Tiling:
     neighbours overlapping by ``overlap`` pixels (an object cut by one tile's edge lies whole
     in its neighbour when it is smaller than the overlap). An image that would need more than
     ``max_tiles`` tiles gets fewer, larger ones (see :func:`server.tasks.spatial.fit_tiling`),
-    which the task sees downscaled."""
+    which the task sees downscaled. ``overview``: one more job sees the whole image, decoded
+    as for one pass (:attr:`Task.decode`), for what is larger than the overlap and so may lie
+    whole in no tile (a barcode across a poster); :meth:`Task.merge` gets its result among
+    the tiles'."""
 
     size: int
     overlap: int
     max_tiles: int = MAX_TILES
+    overview: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 16 or not 0 <= self.overlap < self.size // 2:

@@ -112,6 +112,12 @@ def run_task(task: Task, image: Image.Image, options: dict[str, Any] | None = No
     if tiling is not None and parsed.tiles and max(original) > tiling.size:
         views = [View(image.crop(box), original, box)
                  for box in tile_boxes(*original, tiling.size, tiling.overlap)]
+        if tiling.overview:  # the whole image, shrunk as PixelSource.whole shrinks it
+            wanted = task.decode.min_short_side
+            factor = min(original) // wanted if wanted else 1
+            whole = image if factor < 2 else image.resize(
+                (original[0] // factor, original[1] // factor), Image.Resampling.BOX)
+            views.insert(0, View.whole(whole, original))
     else:
         decoded = image
         if decode_scale != 1.0:

@@ -36,7 +36,9 @@ class Codes(EngineTask[engine.CodeReader]):
     # One pass over a whole image keeps at least 2048 px on its shorter side: a code's
     # modules need two pixels or more each.
     decode = DecodeHint(min_short_side=2048)
-    tiling = Tiling(size=2048, overlap=512)
+    # Tiles read small codes at full resolution; the overview reads codes too large to lie
+    # whole in any tile (a Code 128 wider than the overlap, across a tile's edge).
+    tiling = Tiling(size=2048, overlap=512, overview=True)
 
     model_id = engine.DISTRIBUTION
     distribution = engine.DISTRIBUTION

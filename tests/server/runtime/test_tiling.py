@@ -228,6 +228,43 @@ async def test_an_image_needing_more_tiles_than_allowed_gets_fewer_larger_ones()
     assert all(x1 - x0 > 64 for x0, _, x1, _ in regions)
 
 
+class SpotsWithOverview(Spots):
+    """``spots`` with one more job over the whole image, decoded as for one pass."""
+
+    name = "overview-spots"
+    tiling = Tiling(size=64, overlap=16, overview=True)
+
+
+async def test_an_overview_finds_what_no_tile_holds_whole() -> None:
+    """A 100-px spot on the 64-px grid lies whole in no tile: the tiles see pieces of it, the
+    overview (the whole image at the one-pass decode size) sees it whole, and the merge keeps
+    that copy; the overview counts as one more job in the progress."""
+    big = [100, 50, 200, 150]
+    pool = WorkerPool(WorkerConfig((SpotsWithOverview(),)), workers=1, max_batch_size=4,
+                      max_wait_ms=0, max_queue=64, metrics=Metrics())
+    await pool.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await pool.wait_ready()
+        service = AnalysisService(Registry([SpotsWithOverview()]), pool, LruResultCache(10),
+                                  Metrics(), MAX_PIXELS)
+        stages = Stages()
+        task, options = service.resolve("overview-spots", {})
+        async with asyncio.timeout(WAIT_S):
+            payload, _ = await service.run(task, options, inline(spots_png([big])), None,
+                                           stages)
+    finally:
+        async with asyncio.timeout(WAIT_S):
+            await pool.stop(grace_s=2)
+    result = payload["result"]
+    assert result["tiles"] == 25  # the 24 tiles and the overview
+    assert tuple(result["batches"][0][0]) == (0, 0, WIDTH, HEIGHT)  # queued first
+    [found] = result["spots"]
+    assert all(abs(got - want) <= 6 for got, want in zip(found, big, strict=True)), found
+    counts = [c for stage, _, c in stages.seen if stage == "inference"]
+    assert counts[-1] == (25, 25)
+
+
 async def test_tiles_false_asks_for_one_downscaled_pass(pool: WorkerPool, gate_path: str
                                                         ) -> None:
     service = service_for(pool, gate_path)

@@ -66,3 +66,18 @@ def test_two_equal_codes_in_different_places_are_both_reported(codes: Codes) -> 
     image.paste(barcode("QRCode", "same"), (50, 50))
     image.paste(barcode("QRCode", "same"), (700, 50))
     assert [code["text"] for code in run_task(codes, image)["codes"]] == ["same", "same"]
+
+
+def test_a_code_wider_than_the_overlap_across_both_tiles_is_read_by_the_overview(
+        codes: Codes) -> None:
+    """3000x1200 in 2048-px tiles at x 0 and 952: a Code 128 from x 700 to 2680 lies whole in
+    neither tile; the overview (the whole poster) reads it, and the QR code the tiles read
+    too is reported once."""
+    poster = Image.new("RGB", (3000, 1200), (240, 240, 235))
+    long_code = barcode("Code128", "LONG-CODE-128-ACROSS-BOTH-TILE-EDGES-0042")
+    assert long_code.width > 1500
+    poster.paste(long_code, (700, 400))
+    poster.paste(barcode("QRCode", "qr-in-band", scale=8), (1800, 700))
+    result = run_task(codes, poster)
+    assert sorted((code["format"], code["text"]) for code in result["codes"]) == [
+        ("CODE_128", "LONG-CODE-128-ACROSS-BOTH-TILE-EDGES-0042"), ("QR_CODE", "qr-in-band")]
