@@ -23,7 +23,7 @@ from server.tasks.contract import DecodeHint, SpatialOptions, Tiling, View
 from server.vision import ocr as engine
 from server.vision import thread_count
 
-MIN_STITCH = 2
+MIN_STITCH = 3
 """Fewest repeated characters that count as the overlap of two pieces of one line."""
 
 
@@ -42,12 +42,15 @@ def _same_row(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def stitch(left: str, right: str, overlap_fraction: float) -> str:
-    """Two readings of one line's overlapping pieces → the line. ``overlap_fraction``: how
-    much of ``right``'s box lies inside ``left``'s, to fall back on where the texts do not
-    repeat each other exactly (a glyph cut by a tile's edge reads differently)."""
-    for size in range(min(len(left), len(right)), MIN_STITCH - 1, -1):
-        if left.endswith(right[:size]):
-            return left + right[size:]
+    """Two readings of one line's overlapping pieces → the line: joined at the longest text
+    both read (each piece's glyphs beyond it, cut by its tile's edge, are the other's to
+    give). ``overlap_fraction``: how much of ``right``'s box lies inside ``left``'s, to fall
+    back on where the texts share too little."""
+    from difflib import SequenceMatcher
+
+    shared = SequenceMatcher(None, left, right, autojunk=False).find_longest_match()
+    if shared.size >= MIN_STITCH:
+        return left[:shared.a + shared.size] + right[shared.b + shared.size:]
     skip = round(len(right) * min(1.0, max(0.0, overlap_fraction)))
     rest = right[skip:]
     joiner = " " if left and rest and not left.endswith(" ") and right[skip - 1:skip] == " " \

@@ -82,6 +82,13 @@ def test_lines_on_other_rows_are_left_alone() -> None:
     assert merge_lines([first, second]) == [first, second]
 
 
+def test_a_glyph_cut_by_the_edge_is_taken_from_the_other_piece() -> None:
+    """Read from a 4000x3000 scan: the left tile cut the "d" of "dock" and read it "o"; the
+    right tile read the rest whole. Joined where both read the same, not after the "o"."""
+    assert stitch("paint rotor lot flange o", "nt rotor lot flange dock 4403", 0.644) \
+        == "paint rotor lot flange dock 4403"
+
+
 def test_stitch_without_a_repeat_cuts_by_the_overlap() -> None:
     # The glyph at the edge was read differently: cut the right piece by its overlap.
     assert stitch("Lot 7731 shi", "hlpped on", 0.25) == "Lot 7731 shipped on"[:12] + "pped on"
