@@ -252,15 +252,14 @@ def create_app(
                     uploads_per_minute=settings.uploads_per_minute,
                     bytes_per_minute=settings.bytes_per_minute,
                 ),
-                budget=MemoryBudget(settings.memory_budget_bytes,
-                                    share=client_share(settings),
-                                    on_change=metrics.memory_changed),
+                budget=MemoryBudget(settings.memory_budget_bytes, share=client_share(settings)),
                 uploads_in_memory=not settings.redis_url,
             )
             if settings.redis_url:
                 lock_redis = connect_redis(settings.redis_url)
                 stack.push_async_callback(lock_redis.aclose)
                 state.upload_locker = RedisLocker(lock_redis)
+            metrics.watch_memory(state.budget)
             app.state.pixelstream = state
             stopped = False
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+if TYPE_CHECKING:
+    from server.limits import MemoryBudget
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -76,18 +81,25 @@ class Metrics:
             "pixelstream_worker_restarts", "Inference workers replaced, by why", ["reason"],
             registry=r,
         )
+        self._stage_seconds: dict[str, Any] = {}
         self.cache = Counter(
             "pixelstream_cache_lookups", "Result cache lookups by outcome", ["outcome"],
             registry=r,
         )
 
-    def memory_changed(self, held: int, waiting: int) -> None:
-        self.memory_held.set(held)
-        self.reads_paused.set(waiting)
+    def watch_memory(self, budget: MemoryBudget) -> None:
+        """Report ``budget``'s bytes held and readers paused, read when scraped (they change
+        several times per message: a gauge update each time costs more than the scrape)."""
+        self.memory_held.set_function(lambda: budget.held)
+        self.reads_paused.set_function(lambda: budget.waiting)
 
     def observe_timings(self, timings_ms: dict[str, float]) -> None:
+        stages = self._stage_seconds
         for stage, ms in timings_ms.items():
-            self.stage_seconds.labels(stage).observe(ms / 1000)
+            histogram = stages.get(stage)
+            if histogram is None:  # labels() checks and locks on every call: once per stage
+                histogram = stages[stage] = self.stage_seconds.labels(stage)
+            histogram.observe(ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

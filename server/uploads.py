@@ -382,11 +382,13 @@ class UploadService:
 
     def deliver(self, live: LiveUpload, message: Progress | Result | Error) -> None:
         """Send a message about ``live`` to its current owner, under the owner's id for it."""
+        if message.id != live.upload_id:
+            message = replace(message, id=live.upload_id)
         if isinstance(message, Progress):
             live.last_stage = message
-        live.record(replace(message, id=live.upload_id))
+        live.record(message)  # messages are immutable: the history and the owner share it
         if live.owner is not None:
-            live.owner.deliver(replace(message, id=live.upload_id))
+            live.owner.deliver(message)
 
     def deliver_outcome(self, live: LiveUpload, message: Result | Error) -> None:
         """Deliver the final message; without an owner, keep it for whoever asks for it."""
