@@ -27,6 +27,7 @@ from server.metrics import Metrics
 from server.pipeline.jobs import (
     Dispatched,
     JobDone,
+    JobEvent,
     JobFailed,
     Queued,
     StageReached,
@@ -160,50 +161,48 @@ class AnalysisService:
         *, revision: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         timings: dict[str, float] = {}
+
+        def on_progress(event: JobEvent) -> None:
+            if isinstance(event, Queued):
+                if on_stage is not None:
+                    on_stage(Stage.QUEUED, event.position)
+            elif isinstance(event, Dispatched):
+                timings["queue"] = round(event.queue_ms, 3)
+            elif isinstance(event, StageReached) and on_stage is not None:
+                on_stage(event.stage, None)
+
         try:
-            async for event in ticket:
-                if isinstance(event, Queued):
-                    if on_stage is not None:
-                        on_stage(Stage.QUEUED, event.position)
-                elif isinstance(event, Dispatched):
-                    timings["queue"] = round(event.queue_ms, 3)
-                elif isinstance(event, StageReached):
-                    if on_stage is not None:
-                        on_stage(event.stage, None)
-                elif isinstance(event, (JobDone, TilesPlanned)):
-                    if isinstance(event, JobDone):
-                        timings.update(event.timings_ms)
-                        result, image = event.result, event.image
-                    else:
-                        result, inference_ms = await self._run_tiles(ticket, task, event,
-                                                                     on_stage)
-                        timings.update(decode=round(event.decode_ms, 3),
-                                       inference=round(inference_ms, 3))
-                        image = event.image
-                    payload = {
-                        "task": task.name,
-                        "result": result,
-                        "image": image,
-                        "model": task.model.id,
-                    }
-                    # The weights that answered: the job's own revision where it carries
-                    # one (a versioned model switching), else the task's.
-                    answered = revision or task.model.revision
-                    if answered:
-                        payload["revision"] = answered
-                    if key is not None:
-                        await self.cache.set(key, payload)
-                    return payload, timings
-                elif isinstance(event, JobFailed):
-                    retry_after_ms = (
-                        self.pool.retry_after_ms() if event.code is ErrorCode.BUSY else None
-                    )
-                    raise ProtocolError(event.code, event.message, retry_after_ms=retry_after_ms)
+            event = await ticket.outcome(on_progress)
+            if isinstance(event, JobFailed):
+                retry_after_ms = (
+                    self.pool.retry_after_ms() if event.code is ErrorCode.BUSY else None
+                )
+                raise ProtocolError(event.code, event.message, retry_after_ms=retry_after_ms)
+            if isinstance(event, JobDone):
+                timings.update(event.timings_ms)
+                result, image = event.result, event.image
+            else:
+                result, inference_ms = await self._run_tiles(ticket, task, event, on_stage)
+                timings.update(decode=round(event.decode_ms, 3),
+                               inference=round(inference_ms, 3))
+                image = event.image
+            payload = {
+                "task": task.name,
+                "result": result,
+                "image": image,
+                "model": task.model.id,
+            }
+            # The weights that answered: the job's own revision where it carries one (a
+            # versioned model switching), else the task's.
+            answered = revision or task.model.revision
+            if answered:
+                payload["revision"] = answered
+            if key is not None:
+                await self.cache.set(key, payload)
+            return payload, timings
         finally:
             if not self.handing_back:
                 ticket.cancel()
-        raise ProtocolError(ErrorCode.INTERNAL, "the job ended without an outcome")
-
 
     async def _run_tiles(self, ticket: Ticket, task: Task, planned: TilesPlanned,
                          on_stage: StageCallback | None) -> tuple[dict[str, Any], float]:

@@ -7,6 +7,7 @@ inline, for small camera frames), never as a copy through the pipe.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,24 +132,57 @@ class Dispatched:
 JobEvent = Queued | Dispatched | StageReached | JobDone | JobFailed | TilesPlanned
 
 
+OUTCOMES = (JobDone, JobFailed, TilesPlanned)
+
+
 class Ticket:
     """One job's events, in order; iteration ends after its outcome (``JobDone``,
     ``JobFailed`` or ``TilesPlanned``).
 
     The queue that issued it feeds it with :meth:`put`; only the first outcome counts, so a
     job run twice (a worker died after finishing it) still yields exactly one.
+
+    A follower that only acts on the progress events (stages, queue positions) and awaits the
+    outcome uses :meth:`outcome`: progress is then handed to it as it is put, so its task
+    wakes once per job instead of once per event.
     """
 
     def __init__(self, job: Job, on_cancel: Callable[[Ticket], None]) -> None:
         self.job = job
         self._on_cancel = on_cancel
-        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._events: deque[JobEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_progress: Callable[[JobEvent], None] | None = None
+        self._fault: BaseException | None = None
         self.finished = False
 
     def put(self, event: JobEvent) -> None:
-        if not self.finished:
-            self.finished = isinstance(event, (JobDone, JobFailed, TilesPlanned))
-            self._events.put_nowait(event)
+        if self.finished:
+            return
+        self.finished = isinstance(event, OUTCOMES)
+        on_progress = self._on_progress
+        if on_progress is not None and not self.finished:
+            try:
+                on_progress(event)
+            except Exception as exc:  # the follower's fault, raised in the follower
+                self._on_progress = None
+                self._fault = exc
+                self._wake()
+            return
+        self._events.append(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def cancel(self) -> None:
         """Withdraw the job: it leaves the queue, or its outcome is ignored if running."""
@@ -158,7 +192,34 @@ class Ticket:
 
     async def __aiter__(self) -> AsyncIterator[JobEvent]:
         while True:
-            event = await self._events.get()
+            while not self._events:
+                await self._wait()
+            event = self._events.popleft()
             yield event
-            if isinstance(event, (JobDone, JobFailed, TilesPlanned)):
+            if isinstance(event, OUTCOMES):
                 return
+
+    async def outcome(self, on_progress: Callable[[JobEvent], None] | None = None) -> Outcome:
+        """Wait for the job's outcome. Every event before it (``Queued``, ``Dispatched``,
+        ``StageReached``) goes to ``on_progress`` in order, those already put first, the rest
+        as they are put; an exception ``on_progress`` raises is raised here. Not to be mixed
+        with iteration."""
+        handle = on_progress if on_progress is not None else _ignore
+        self._on_progress = handle
+        try:
+            while True:
+                if self._fault is not None:
+                    raise self._fault
+                if not self._events:
+                    await self._wait()
+                    continue
+                event = self._events.popleft()  # put before this call, or after a fault
+                if isinstance(event, OUTCOMES):
+                    return event
+                handle(event)
+        finally:
+            self._on_progress = None
+
+
+def _ignore(event: JobEvent) -> None:
+    pass

@@ -103,13 +103,11 @@ class TileQueue(Protocol):
 
 
 async def _outcome(ticket: Ticket) -> dict[str, Any]:
-    async for event in ticket:
-        if isinstance(event, JobDone):
-            return event.result
-        if isinstance(event, JobFailed):
-            raise ProtocolError(event.code, event.message)
-        if isinstance(event, TilesPlanned):
-            break
+    event = await ticket.outcome()  # a tile's stages are not reported: one wakeup a tile
+    if isinstance(event, JobDone):
+        return event.result
+    if isinstance(event, JobFailed):
+        raise ProtocolError(event.code, event.message)
     raise ProtocolError(ErrorCode.INTERNAL, "a tile ended without a result")
 
 
