@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from importlib import resources
 from typing import Any, BinaryIO
 
@@ -121,16 +121,44 @@ async def _analyze(app: AppState, image: ImageRef, sha256: str, spec: Task,
     return JSONResponse({**payload, "cached": cached, "timings_ms": timings})
 
 
-async def _stage_and_analyze(app: AppState, source: BinaryIO | bytes, size: int,
-                             spec: Task, options: dict[str, Any],
+async def _stage_and_analyze(request: Request, app: AppState, source: BinaryIO | bytes,
+                             size: int, spec: Task, options: dict[str, Any],
                              principal: str | None) -> JSONResponse:
-    """Put the image where workers read it (hashing it on the way), analyse, free it."""
+    """Put the image where workers read it (hashing it on the way), analyse, free it. The
+    body is in by now: a client that goes away meanwhile cancels the analysis (its queued
+    job, or the tiles of a large image not yet run), as a socket's ``cancel`` does."""
     store = app.store
     staged = await store.stage_image(source, size)
     try:
-        return await _analyze(app, staged.image, staged.sha256, spec, options, principal)
+        return await _unless_disconnected(
+            request, _analyze(app, staged.image, staged.sha256, spec, options, principal))
     finally:
         await store.release(staged.image)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (call once the body is read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request,
+                               work: Coroutine[Any, Any, JSONResponse]) -> JSONResponse:
+    """``work``'s answer; raises ClientDisconnect, ``work`` cancelled, if the client leaves
+    first."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+        if job.done():
+            return job.result()
+        job.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await job
+        raise ClientDisconnect
+    finally:
+        job.cancel()
+        gone.cancel()
 
 
 class RequestIds:
@@ -171,8 +199,8 @@ async def _answer(request: Request, handler: Any) -> Response:
              "message": f"the request body did not arrive within {limit:g} s"},
             status_code=408, headers={"Connection": "close"},
         )
-    except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing failed
-        log.info("%s %s: the client went away before its body was in", request.method,
+    except ClientDisconnect:  # the client left: nobody to answer, nothing failed
+        log.info("%s %s: the client went away before its answer", request.method,
                  request.url.path)
         response = Response(status_code=CLIENT_CLOSED)
     except Exception:  # a fault: PROTOCOL.md's ``internal`` answer, details only in the log
@@ -233,7 +261,7 @@ async def _analyze_body(request: Request, app: AppState, max_chars: int,
         raise ProtocolError(ErrorCode.INVALID_IMAGE, "the image is empty")
     if len(data) > app.limits.max_image_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
-    return await _stage_and_analyze(app, data, len(data), spec, options, principal)
+    return await _stage_and_analyze(request, app, data, len(data), spec, options, principal)
 
 
 @router.post("/v1/analyze")
@@ -257,12 +285,12 @@ async def analyze_multipart(request: Request) -> Response:
                 raise ProtocolError(
                     ErrorCode.BAD_MESSAGE, f"not a valid multipart form: {exc}"
                 ) from None
-            return await _analyze_form(app, form, principal, hold)
+            return await _analyze_form(request, app, form, principal, hold)
 
     return await _answer(request, handle)
 
 
-async def _analyze_form(app: AppState, form: Any, principal: str | None,
+async def _analyze_form(request: Request, app: AppState, form: Any, principal: str | None,
                         hold: Reservation) -> Response:
     """The multipart route's work once its form is parsed (and closed afterwards)."""
     try:
@@ -288,7 +316,8 @@ async def _analyze_form(app: AppState, form: Any, principal: str | None,
             raise ProtocolError(ErrorCode.TOO_LARGE, "the image exceeds max_image_bytes")
         hold.take(size)  # the staged copy the workers read
         await upload.seek(0)
-        return await _stage_and_analyze(app, upload.file, size, spec, options, principal)
+        return await _stage_and_analyze(request, app, upload.file, size, spec, options,
+                                        principal)
     finally:
         await form.close()
 

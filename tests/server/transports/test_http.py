@@ -387,6 +387,33 @@ async def test_busy_is_503_when_the_queue_is_full(server_factory, open_client, h
     assert response.status_code == 200
 
 
+async def test_a_client_that_goes_away_withdraws_its_queued_analysis(server_factory,
+                                                                     open_client, gate) -> None:
+    """An HTTP client that closes its connection while its job waits in the queue: the job is
+    withdrawn (as a socket's ``cancel`` withdraws one), so the upload queued behind it moves
+    up at once instead of waiting for work nobody will read."""
+    server = server_factory(max_batch_size=1)
+    async with open_client(server.ws_url) as client:
+        with gate.closed():
+            await client.send_upload("run", unique_image(320, 240), task="gate")
+            await client.expect("progress", id="run", stage="decoding")
+            leaving = httpx.AsyncClient(timeout=30)
+            request = asyncio.ensure_future(post_json(leaving, server,
+                                                      {"image": b64(unique_image())}))
+            deadline = time.monotonic() + 30  # the request reaches the queue in another task
+            while (await leaving.get(server.http_url + "/readyz")).json()["queue_depth"] < 1:
+                assert time.monotonic() < deadline, "the HTTP job was never queued"
+                await asyncio.sleep(0.02)
+            await client.send_upload("wait", unique_image(320, 240))
+            await client.expect("progress", id="wait", stage="queued", position=2)
+            request.cancel()  # the connection is closed under the request
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            await leaving.aclose()
+            await client.expect("progress", id="wait", stage="queued", position=1)
+        assert (await client.outcome("wait"))["type"] == "result"
+
+
 # Tokens -------------------------------------------------------------------------------------
 
 TOKENS = ("http-token-one", "http-token-two")
