@@ -41,6 +41,12 @@ class Job:
     """Set for one tile of a tiled analysis (``image`` is still the whole upload: a worker
     that cannot attach the decoded pixels decodes it once for all its tiles)."""
 
+    @property
+    def rank(self) -> int:
+        """How many jobs of its analysis come before it (a tile's index; 0 for a whole image):
+        the batching policy serves lower ranks first."""
+        return self.tile.index if self.tile is not None else 0
+
 
 @dataclass(frozen=True)
 class Batch:

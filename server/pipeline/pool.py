@@ -286,7 +286,8 @@ class WorkerPool:
                             if p.ticket.job.task in served]
                 if not runnable:
                     break
-                waiting = [Waiting(p.ticket.job.task, p.enqueued) for _, p in runnable]
+                waiting = [Waiting(p.ticket.job.task, p.enqueued, p.ticket.job.rank)
+                           for _, p in runnable]
                 batch = next_batch(waiting, time.monotonic(), self.limits,
                                    self._arrivals.average_s)
                 if not batch.take:

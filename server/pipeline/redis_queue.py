@@ -67,7 +67,7 @@ end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 local id = redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'data', ARGV[2], 'seq', seq,
-                      'enqueued', ARGV[5])
+                      'enqueued', ARGV[5], 'rank', ARGV[8])
 return {seq, id, tonumber(redis.call('GET', KEYS[4]) or '0'), generation}
 """
 
@@ -295,7 +295,7 @@ class RedisJobQueue:
                       keys.job_reply(job.job_id), keys.task_jobs_taken(job.task),
                       keys.GENERATION],
                 args=[body, data, self.gateway_id, keys.JOB_TTL_S, time.time(),
-                      secrets.token_hex(8), keys.JOBS_GROUP],
+                      secrets.token_hex(8), keys.JOBS_GROUP, job.rank],
             )
         except (RedisError, OSError):
             self._finish(job.job_id, JobFailed(job.job_id, ErrorCode.BUSY,

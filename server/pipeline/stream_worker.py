@@ -204,7 +204,8 @@ class StreamWorker:
         for entry in entries:
             now = time.monotonic()
             self._arrivals.arrived(now)
-            self._waiting.append((Waiting(self.streams[entry.stream], now), entry))
+            rank = int(entry.fields.get(b"rank", b"0"))  # read without decoding the job
+            self._waiting.append((Waiting(self.streams[entry.stream], now, rank), entry))
             self._held_since[entry[:2]] = now
 
     def _keep_held(self) -> None:

@@ -5,11 +5,17 @@ worker`` alike: given the jobs waiting (oldest first), each task's limits and th
 says which jobs to run now, or how long to wait for more. It reads no clock and keeps no
 state, so tests drive it with plain numbers.
 
-The rule: the oldest job goes first, with the next waiting jobs of its task, up to the task's
-``max_batch_size``. A batch that is not full yet waits for company until the oldest job has
-waited ``max_wait_ms``, and only while jobs have lately been arriving closer together than
-that (:class:`ArrivalGaps`): a lone request, or one client's requests one after another,
-would only be delayed by waiting for company that never comes.
+The rule: the job with the fewest jobs of its own analysis served before it goes first (a
+whole image: none; a tile: its index among the image's tiles), the oldest among equals, with
+the next waiting jobs of its task in that order, up to the task's ``max_batch_size``. So one
+client's image never waits behind the hundreds of tiles of another's huge image: those tiles
+yield to it, and a tiled analysis takes whatever capacity the whole images leave (least
+attained service first, as schedulers do for jobs of unknown length).
+
+A batch that is not full yet waits for company until its oldest job has waited
+``max_wait_ms``, and only while jobs have lately been arriving closer together than that
+(:class:`ArrivalGaps`): a lone request, or one client's requests one after another, would
+only be delayed by waiting for company that never comes.
 """
 
 from __future__ import annotations
@@ -50,11 +56,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class Waiting:
-    """A queued job as the policy sees it: its task and when it was queued (any clock, the
-    same as ``now``'s)."""
+    """A queued job as the policy sees it: its task, when it was queued (any clock, the same
+    as ``now``'s) and its ``rank``: how many jobs of its analysis come before it (a tile's
+    index; 0 for a whole image)."""
 
     task: str
     since: float
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,13 +81,16 @@ def next_batch(waiting: Sequence[Waiting], now: float, limits: Limits,
     between jobs' arrivals (:attr:`ArrivalGaps.average_s`; None: too few jobs yet)."""
     if not waiting:
         return NextBatch()
-    task = waiting[0].task
-    task_limits = limits.of(task)
-    same = [index for index, job in enumerate(waiting) if job.task == task]
+    # Fewest predecessors in its analysis first; the waiting list's own order (oldest first)
+    # among equals.
+    order = sorted(range(len(waiting)), key=lambda index: waiting[index].rank)
+    first = waiting[order[0]]
+    task_limits = limits.of(first.task)
+    same = [index for index in order if waiting[index].task == first.task]
     take = tuple(same[: task_limits.max_batch_size])
     if len(same) >= task_limits.max_batch_size:
         return NextBatch(take)
-    remaining = waiting[0].since + task_limits.max_wait_s - now
+    remaining = min(waiting[index].since for index in same) + task_limits.max_wait_s - now
     company_likely = arrival_gap_s is not None and arrival_gap_s < task_limits.max_wait_s
     if remaining > 0 and company_likely:
         return NextBatch(wait_s=remaining)

@@ -20,7 +20,15 @@ import pytest
 from chunking.errors import ErrorCode, ProtocolError
 from chunking.messages import Stage
 from server.metrics import Metrics
-from server.pipeline.jobs import Dispatched, JobDone, JobEvent, JobFailed, Queued, StageReached
+from server.pipeline.jobs import (
+    Dispatched,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    Queued,
+    StageReached,
+    TileSpec,
+)
 from server.pipeline.pool import Ticket, WorkerPool
 from server.pipeline.spool import Spool
 from server.pipeline.worker import WorkerConfig
@@ -325,6 +333,35 @@ async def test_submit_answers_busy_when_the_queue_is_full(make_pool: PoolFactory
 
 
 # Worker deaths ---------------------------------------------------------------------------------
+
+
+async def test_a_whole_image_runs_before_tiles_queued_ahead_of_it(
+        make_pool: PoolFactory, gate_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another client's image does not wait behind a tiled analysis's queued tiles (the
+    batching policy ranks a tile by its index; the pool must tell it)."""
+    dispatched: list[str] = []
+    put = Ticket.put
+
+    def recording_put(ticket: Ticket, event: JobEvent) -> None:
+        if isinstance(event, Dispatched):
+            dispatched.append(ticket.job.job_id)
+        put(ticket, event)
+
+    monkeypatch.setattr(Ticket, "put", recording_put)
+    pool = await make_pool(max_batch_size=1)
+    with gate_closed(gate_path):
+        held = await hold(pool)
+        tiles = [Events(pool.submit("colors", {"colors": 3}, inline(), MAX_PIXELS,
+                                    job_id=f"huge/t{index}",
+                                    tile=TileSpec("gone", (0, 0, 8, 8), (16, 16), index)))
+                 for index in (3, 4, 5)]
+        whole = Events(pool.submit("colors", {"colors": 3}, inline(), MAX_PIXELS,
+                                   job_id="victim"))
+    assert isinstance(await whole.outcome(), JobDone)
+    for tile in tiles:
+        await tile.outcome()  # (their pixels are gone: how they end does not matter here)
+    assert dispatched[1:] == ["victim", "huge/t3", "huge/t4", "huge/t5"]
+    assert held.ticket.finished
 
 
 async def test_a_killed_worker_is_replaced_and_its_job_retried(make_pool: PoolFactory,

@@ -108,12 +108,15 @@ async def test_tiles_go_to_their_tasks_stream(queue: RedisJobQueue,
     await beat(redis, "w1", "spots")
     async with asyncio.timeout(WAIT_S):
         await queue.wait_served("spots")
-    tile = TileSpec("pixels-1", (0, 0, 64, 64), (128, 64), 0)
-    ticket = queue.submit("spots", {"tiles": True}, IMAGE, 100, job_id="big/t0", tile=tile)
+    tile = TileSpec("pixels-1", (0, 0, 64, 64), (128, 64), 3)
+    ticket = queue.submit("spots", {"tiles": True}, IMAGE, 100, job_id="big/t3", tile=tile)
     await next_event(ticket)
     (queued,) = await entries(redis, "spots")
-    assert (queued["job_id"], queued["tile"]["box"]) == ("big/t0", [0, 0, 64, 64])
+    assert (queued["job_id"], queued["tile"]["box"]) == ("big/t3", [0, 0, 64, 64])
     assert await entries(redis, "mean") == []
+    # The tile's rank, for the workers' batching policy, readable without decoding the job.
+    ((_, fields),) = await redis.xrange(keys.task_jobs("spots"))
+    assert fields[b"rank"] == b"3"
 
 
 async def test_a_cancelled_job_leaves_its_tasks_stream_and_counts_as_taken(

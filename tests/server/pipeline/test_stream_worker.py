@@ -67,7 +67,7 @@ def make_worker(redis: redis_sync.Redis, *, tasks: tuple[Task, ...] | None = Non
 def enqueue(redis: redis_sync.Redis, job: Job) -> None:
     body, data = encode_job(job)
     redis.xadd(keys.task_jobs(job.task),
-               {"job": body, "data": data, "seq": 0, "enqueued": time.time()})
+               {"job": body, "data": data, "seq": 0, "enqueued": time.time(), "rank": job.rank})
 
 
 def outcome(redis: redis_sync.Redis, job_id: str) -> Any:
@@ -115,6 +115,22 @@ def test_a_large_image_plans_tiles_and_its_tile_jobs_run_on_the_worker(
     assert [100.0, 60.0, 110.0, 70.0] in found  # in original pixels
     assert worker.pixels.decodes == 0  # the tiles read the planned decode, never decoding again
     worker.pixels.close()
+
+
+def test_a_whole_image_runs_before_tiles_read_ahead_of_it(redis: redis_sync.Redis) -> None:
+    """The worker tells the batching policy each job's rank from its stream entry: tiles of
+    another analysis queued first yield to a whole image."""
+    worker = make_worker(redis, tasks=(MeanBrightness(),), max_batch_size=1, max_wait_ms=0)
+    image = spots_png(40, 30, [[1, 1, 4, 4]])
+    ref = ImageRef(len(image), data=image)
+    for index in (4, 5):
+        enqueue(redis, Job(f"huge/t{index}", "mean", {}, ref, MAX_PIXELS,
+                           TileSpec("gone", (0, 0, 8, 8), (40, 30), index)))
+    enqueue(redis, Job("victim", "mean", {}, ref, MAX_PIXELS))
+    worker._take_in(worker._read(3, None))  # all three in hand, as under load
+    assert worker.step() == 1
+    assert isinstance(outcome(redis, "victim"), JobDone)
+    assert redis.get(keys.job_outcome("huge/t4")) is None
 
 
 def pending_of(redis: redis_sync.Redis, task: str) -> dict[str, int]:

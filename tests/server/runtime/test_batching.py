@@ -32,6 +32,27 @@ def test_a_full_batch_of_the_oldest_jobs_task_runs_at_once_skipping_other_tasks(
     assert next_batch(waiting, 1.0, LIMITS, BUSY) == NextBatch(take=(0, 2, 3))
 
 
+def test_later_tiles_of_an_analysis_yield_to_a_whole_image_queued_after_them() -> None:
+    """Another client's image does not wait behind a huge image's queued tiles: a tile with
+    tiles of its analysis served before it ranks after a whole image."""
+    tiles = [Waiting("faces", 1.0, rank) for rank in range(4, 12)]
+    waiting = [*tiles, Waiting("classify", 2.0)]
+    assert next_batch(waiting, 2.0, LIMITS, None) == NextBatch(take=(8,))
+    # Of the same task, the whole image leads its batch and the earliest tiles fill it.
+    waiting = [*tiles, Waiting("faces", 2.0)]
+    assert next_batch(waiting, 2.0, LIMITS, BUSY) == NextBatch(take=(8, 0, 1))
+    # An analysis's first tile is as early as a whole image: the older of the two goes first.
+    waiting = [Waiting("faces", 1.0, 0), Waiting("classify", 2.0)]
+    assert next_batch(waiting, 2.0, LIMITS, None) == NextBatch(take=(0,))
+
+
+def test_a_partial_batch_waits_until_the_oldest_of_its_jobs_has_waited_max_wait() -> None:
+    """The wait counts from the batch's oldest job, even where a younger one leads it."""
+    waiting = [Waiting("a", 1.000, 3), Waiting("a", 1.004)]
+    assert next_batch(waiting, 1.004, LIMITS, BUSY).wait_s == pytest.approx(0.006)
+    assert next_batch(waiting, 1.010, LIMITS, BUSY) == NextBatch(take=(1, 0))
+
+
 def test_a_partial_batch_waits_until_the_oldest_job_has_waited_max_wait() -> None:
     waiting = jobs(("a", 1.000), ("a", 1.004))
     first = next_batch(waiting, 1.004, LIMITS, BUSY)
