@@ -10,7 +10,13 @@ allocations above a dynamic threshold (128 KiB at first) with ``mmap`` and gives
 at the top of the heap back to the kernel; a forward pass allocates and frees activation
 buffers of a few MB per layer, so every image paid thousands of fresh page faults (zeroed
 pages, system time). A fixed threshold above those buffers and a trim threshold above a
-batch's working set keep the pages in the process for the next batch.
+batch's working set keep the pages in the process for the next batch. glibc caps that
+threshold at 32 MiB, and a model on large inputs (a detector on 1024 px tiles, a batch of 4)
+makes activations of 50-70 MiB: mapped and unmapped per layer, they cost 1.2 million page
+faults per 35 tiles, more system time than the convolutions' user time (9 tiles/s against
+28 with the heap). So a worker takes every allocation from the heap (``M_MMAP_MAX`` 0): what
+is freed at its top beyond the trim threshold still goes back to the kernel, a huge decoded
+image included.
 
 :func:`tune_gateway_malloc` does the same for the gateway (``pixelstream serve``), whose
 buffers are WebSocket messages: every chunk arrives as a few fresh MiB (the frame as read, its
@@ -46,10 +52,11 @@ MAX_AUTO_BATCH = 16
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 """Allocations below this come from the heap: above every activation buffer of the bundled
-model at the default batch, and the largest value glibc accepts on 64-bit. A huge decoded
-image is still mapped on its own (and returned at once when freed)."""
+model at the default batch, and the largest value glibc accepts on 64-bit. (A worker maps
+nothing at all: :func:`tune_worker_malloc`.)"""
 TRIM_THRESHOLD_BYTES = 256 * 1024 * 1024
 """Free memory at the top of the heap kept for the next batch rather than returned."""
 GATEWAY_TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
@@ -136,16 +143,17 @@ def tune_worker_malloc() -> bool:
     """Fixed glibc malloc thresholds for this process (see the module's docstring). Call at
     a worker's start, before its models load. False, changing nothing, where the C library
     is not glibc (musl, macOS) or refuses a value."""
-    return _tune_malloc(TRIM_THRESHOLD_BYTES)
+    return _tune_malloc(TRIM_THRESHOLD_BYTES, heap_only=True)
 
 
 def tune_gateway_malloc() -> bool:
     """:func:`tune_worker_malloc` for the gateway's process, with a smaller trim threshold
-    (:data:`GATEWAY_TRIM_THRESHOLD_BYTES`). Call before the server starts."""
-    return _tune_malloc(GATEWAY_TRIM_THRESHOLD_BYTES)
+    (:data:`GATEWAY_TRIM_THRESHOLD_BYTES`); blocks above the mmap threshold are still mapped
+    on their own (its messages are at most a few MiB). Call before the server starts."""
+    return _tune_malloc(GATEWAY_TRIM_THRESHOLD_BYTES, heap_only=False)
 
 
-def _tune_malloc(trim_threshold: int) -> bool:
+def _tune_malloc(trim_threshold: int, *, heap_only: bool) -> bool:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
@@ -154,7 +162,8 @@ def _tune_malloc(trim_threshold: int) -> bool:
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success, 0 on error.
     applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-                   and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1)
+                   and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+                   and (not heap_only or mallopt(M_MMAP_MAX, 0) == 1))
     if not applied:
         log.warning("malloc tuning refused by the C library; running with its defaults")
     return applied

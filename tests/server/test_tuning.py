@@ -90,7 +90,7 @@ libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-size = 30 * 1024 * 1024
+size = {size}
 faults = []
 for _ in range(3):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -102,9 +102,9 @@ print(faults[1] + faults[2])
 """
 
 
-def _faults(tune: str | None) -> int:
+def _faults(tune: str | None, size: int = 30 * 1024 * 1024) -> int:
     root = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", FAULTS.format(root=root, tune=tune)],
+    out = subprocess.run([sys.executable, "-c", FAULTS.format(root=root, tune=tune, size=size)],
                          check=True, capture_output=True, text=True).stdout
     return int(out.strip())
 
@@ -115,3 +115,13 @@ def test_tuned_malloc_keeps_freed_pages_for_the_next_allocation(tune: str) -> No
     pages = 30 * 1024 * 1024 // 4096
     assert _faults(None) >= pages // 2  # the defaults: the second block is fresh pages
     assert _faults(tune) < pages // 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_worker_keeps_blocks_above_glibcs_largest_mmap_threshold_too() -> None:
+    """A detector's activations on 1024 px tiles (tens of MiB each) stay in a worker's heap;
+    the gateway still maps blocks that large on their own."""
+    size = 80 * 1024 * 1024
+    pages = size // 4096
+    assert _faults("tune_gateway_malloc", size) >= pages // 2
+    assert _faults("tune_worker_malloc", size) < pages // 20
