@@ -129,6 +129,12 @@ class Settings:
     """On shutdown, requests and running jobs get this long to finish (twice, at most: HTTP
     requests, then the workers' current batches)."""
 
+    readiness: str = "all-tasks"
+    """When ``/readyz`` is 200: ``all-tasks``, once every task has a worker (strict, as an
+    inference server's readiness usually is); ``any-task``, once any has, so that a gateway
+    whose other tasks still work stays in its load balancer while one task lacks workers
+    (that task's jobs are answered ``busy``). ``tasks_without_workers`` lists them in both."""
+
     log_level: str = "info"
     log_format: str = "text"
     """``text`` or ``json`` (one object per line: time, level, logger, message, ids)."""
@@ -157,6 +163,9 @@ class Settings:
             raise ValueError("job_timeout_s must not be negative")
         if not _DEVICE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.readiness not in ("all-tasks", "any-task"):
+            raise ValueError(f"readiness must be 'all-tasks' or 'any-task', not "
+                             f"{self.readiness!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
 

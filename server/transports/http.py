@@ -329,8 +329,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when every task has a worker with its model loaded and the cache answers;
-    ``tasks_without_workers`` names the tasks that have none."""
+    """Ready when every task (``--readiness any-task``: any task) has a worker with its model
+    loaded and the cache answers; ``tasks_without_workers`` names the tasks that have none."""
     app = _state(request)
     pool = app.service.pool
     try:
@@ -340,7 +340,9 @@ async def readyz(request: Request) -> JSONResponse:
     except Exception:
         cache_ok = store_ok = False
     unserved = pool.unserved_tasks
-    ready = (pool.ready and not unserved and cache_ok and store_ok
+    tasks_served = not unserved if app.settings.readiness == "all-tasks" else (
+        len(unserved) < len(app.service.specs))
+    ready = (pool.ready and tasks_served and cache_ok and store_ok
              and pool.startup_error is None)
     body = {
         "ready": ready,

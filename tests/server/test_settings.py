@@ -93,7 +93,7 @@ def test_unparseable_values_raise_value_error_naming_the_variable(name: str, tex
      ("max_image_bytes", "-5"), ("socket_bytes_per_second", "0"), ("memory_budget_bytes", "0"),
      ("socket_idle_timeout_s", "0"), ("ws_ping_interval_s", "-1"), ("http_header_timeout_s", "0"),
      ("http_body_timeout_s", "0"), ("shutdown_grace_s", "0"), ("job_timeout_s", "-1"),
-     ("log_format", "xml"), ("device", "gpu"),
+     ("log_format", "xml"), ("readiness", "some"), ("device", "gpu"),
      ("device", "cuda:"), ("device", "cuda:x")],
 )
 def test_values_out_of_range_are_refused(name: str, text: str) -> None:

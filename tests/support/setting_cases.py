@@ -51,5 +51,6 @@ SETTING_CASES: dict[str, tuple[str, Any]] = {
     "job_timeout_s": ("30", 30.0),
     "shutdown_grace_s": ("4", 4.0),
     "log_level": ("debug", "debug"),
+    "readiness": ("any-task", "any-task"),
     "log_format": ("json", "json"),
 }

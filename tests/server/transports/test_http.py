@@ -488,6 +488,32 @@ async def test_readyz_with_workers_ready(colors_server, http) -> None:
     assert "error" not in body
 
 
+class PartlyServed:
+    """A pool as a gateway sees it when no live worker serves ``gate``."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self.unserved_tasks = ["gate"]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+@pytest.mark.parametrize(("readiness", "status"), [("all-tasks", 503), ("any-task", 200)])
+async def test_readyz_with_a_task_that_has_no_worker(server_factory, http, readiness: str,
+                                                     status: int) -> None:
+    server = server_factory(readiness=readiness)
+    service = server.state.service
+    working, service.pool = service.pool, PartlyServed(service.pool)
+    try:
+        response = await http.get(server.http_url + "/readyz")
+    finally:
+        service.pool = working
+    assert response.status_code == status
+    assert response.json()["tasks_without_workers"] == ["gate"]
+    assert (await http.get(server.http_url + "/readyz")).status_code == 200
+
+
 async def test_readyz_is_503_when_the_cache_does_not_answer(server_factory, http) -> None:
     server = server_factory()
     service = server.state.service
